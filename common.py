@@ -1,0 +1,896 @@
+"""common.py -- everything method-agnostic, shared by finetune.py and the four method scripts.
+
+Nothing in here is one method's decision. What lives here:
+
+  * errors and the CLI wrapper (user mistakes -> one line on stderr, exit code 2)
+  * the shared command line (`common_parser`) and seeding / device choice
+  * CLIP loading through open_clip (the only file that imports open_clip), including local
+    weight files, OpenAI's TorchScript `.pt`, and the toy benchmark's tiny CLIP (pretrained once
+    on the toy world's captions and cached)
+  * `ClipView`: open_clip's CLIP where every weight the methods adapt (attention q, k, v, out;
+    MLP c_fc, c_proj; the visual projection) is a plain `nn.Linear` that is really called in the
+    forward pass, with a canonical named iteration over them (`ClipView.layers()`)
+  * `LoRALinear`, Gram-matrix hooks, eigen-energy ranks, orthonormal complements, projectors
+  * text encoding with the context cut to the longest prompt, zero-shot heads, evaluation
+  * MTIL metrics (ZSCL definitions), the terminal table, the heatmap
+  * the run folder: config.json, acc_matrix.csv/png, summary.json, atomic per-task checkpoint,
+    `--resume`
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import open_clip  # noqa: E402  (the only import of open_clip in the project)
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: errors ----
+# ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing data, missing weights). Printed as one
+    message without a traceback; exit code 2."""
+
+    exit_code = 2
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN/inf. Everything saved before this step stays on disk."""
+
+    exit_code = 1
+
+
+def cli_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run `main(argv)`; turn user errors into a clean message + exit code (no traceback)."""
+    import data  # local import: data.py never imports common.py, so no cycle
+
+    try:
+        main(argv)
+    except (UserError, data.MissingDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: the shared command line ----
+# ---------------------------------------------------------------------------------------------
+
+
+def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParser:
+    """The flags every script accepts (DESIGN.md "The shared command line"). A method script
+    adds its own under a `# method` group. `--iterations/--batch-size/--lr` default to None and
+    are resolved per benchmark/order/task by each script (the paper's values)."""
+    p = argparse.ArgumentParser(prog=f"{method}.py", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("common")
+    g.add_argument("--benchmark", choices=["mtil", "toy"], default="mtil")
+    g.add_argument("--order", choices=["I", "II"], default="I")
+    g.add_argument("--data-root", default=os.environ.get("MTIL_DATA", "./data"))
+    g.add_argument("--model", default=None,
+                   help="open_clip model name (default: ViT-B-16 for mtil, the toy tiny CLIP for toy)")
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip tag or a local weights file (default: openai for mtil, the "
+                        "cached toy pretraining for toy; 'none' = random init)")
+    g.add_argument("--few-shot", type=int, default=0, help="K images per class; 0 = full data")
+    g.add_argument("--iterations", type=int, default=None, help="steps per task (default: paper)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="one lr for every task (default: paper)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on mtil, 0 on toy)")
+    g.add_argument("--max-tasks", type=int, default=None, help="stop after this many tasks")
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast for evaluation on CUDA (auto = on for CUDA)")
+    g.add_argument("--out", default=None, help="run folder (default runs/<method>-<benchmark>-order<o>-seed<s>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars (auto-off when stderr is not a TTY)")
+    return p
+
+
+def finalize_args(args: argparse.Namespace, method: str) -> argparse.Namespace:
+    """Fill benchmark-dependent defaults and validate numbers (one-line errors)."""
+    if args.model is None:
+        args.model = "ViT-B-16" if args.benchmark == "mtil" else TOY_MODEL
+    if args.pretrained is None:
+        args.pretrained = "openai" if args.benchmark == "mtil" else "toy"
+    if args.workers is None:
+        args.workers = 4 if args.benchmark == "mtil" else 0
+    if args.out is None:
+        args.out = f"runs/{method}-{args.benchmark}-order{args.order}-seed{args.seed}"
+    for name in ("iterations", "batch_size", "max_tasks", "few_shot", "workers", "eval_batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("few_shot", "workers") else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('few_shot', 'workers') else '>= 1'}, got {v}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    args.progress = (not args.no_progress) and sys.stderr.isatty()
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: seeding and device ----
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32  # distinct per worker, derived from the loader's generator
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
+                drop_last: bool = False, device: torch.device | None = None):
+    """A DataLoader whose shuffling and worker RNGs are a function of `seed` only."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None, drop_last=drop_last,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=False)
+
+
+def forever(loader) -> Iterator:
+    """Cycle through a loader (a new shuffled epoch each pass), as ZSCL's iteration loop does."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise UserError("a training split is empty (check the dataset / --few-shot)")
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """ZSCL's `cosine_lr`: linear warm-up over `warmup` steps, then cosine from base_lr to 0."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    e = step - warmup
+    es = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def check_finite(loss: torch.Tensor, task: str, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"loss became {loss.item()} in task '{task}' at step {step}; "
+                            "finished tasks are saved in the run folder (lower --lr and --resume)")
+
+
+def progress(it: Iterable, enabled: bool, **kw):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: the CLIP view (every adapted weight is a plain nn.Linear, really called) ----
+# ---------------------------------------------------------------------------------------------
+
+
+class SplitAttention(nn.Module):
+    """nn.MultiheadAttention with its packed in_proj split into q, k, v and out `nn.Linear`s.
+
+    open_clip's default blocks read `attn.in_proj_weight` / `out_proj.weight` functionally
+    inside F.multi_head_attention_forward, so a module put in their place is silently bypassed.
+    Here each projection is a module that is called, so LoRA / hooks / projections on it work.
+    Same call signature as nn.MultiheadAttention (batch_first=True) as used by open_clip."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        d = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=mha.in_proj_bias is not None) for _ in range(3))
+        self.out = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            for i, lin in enumerate((self.q, self.k, self.v)):
+                lin.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])  # (3d, d) -> 3 x (d, d)
+                if lin.bias is not None:
+                    lin.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+            self.out.weight.copy_(mha.out_proj.weight)
+            if self.out.bias is not None:
+                self.out.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        k_x = q_x if k_x is None else k_x
+        v_x = q_x if v_x is None else v_x
+        N, L, d = q_x.shape
+        h = self.num_heads
+        q = self.q(q_x).view(N, L, h, d // h).transpose(1, 2)      # (N, h, L, d/h)
+        k = self.k(k_x).view(N, -1, h, d // h).transpose(1, 2)     # (N, h, S, d/h)
+        v = self.v(v_x).view(N, -1, h, d // h).transpose(1, 2)     # (N, h, S, d/h)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, L, d/h)
+        o = o.transpose(1, 2).reshape(N, L, d)                     # (N, L, d)
+        return self.out(o), None
+
+
+class ClipView(nn.Module):
+    """open_clip's CLIP, rewired so that the methods see plain `nn.Linear` layers.
+
+    Adapted layers, named `<tower>.<block>.<kind>` with tower in {visual, text}, kind in
+    {attn.q, attn.k, attn.v, attn.out, mlp.c_fc, mlp.c_proj}, plus `visual.proj` (the visual
+    projection as an nn.Linear with weight = open_clip's proj^T). `layers()` iterates them in
+    that canonical order. Features equal plain open_clip's (tests/test_common.py)."""
+
+    KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.c_fc", "mlp.c_proj")
+
+    def __init__(self, clip: nn.Module, tokenizer, context_length: int):
+        super().__init__()
+        if not hasattr(clip, "transformer") or not hasattr(clip.visual, "transformer"):
+            raise UserError("only CLIP models with a ViT image tower and a transformer text tower are supported")
+        for blk in list(clip.visual.transformer.resblocks) + list(clip.transformer.resblocks):
+            if not isinstance(blk.attn, nn.MultiheadAttention):
+                raise UserError("unsupported open_clip block type (need the standard ResidualAttentionBlock)")
+            blk.attn = SplitAttention(blk.attn)
+        proj = clip.visual.proj                                      # (width, embed)
+        clip.visual.proj = None  # open_clip's VisionTransformer.forward then returns the pooled feature
+        self.visual_proj = nn.Linear(proj.shape[0], proj.shape[1], bias=False)
+        with torch.no_grad():
+            self.visual_proj.weight.copy_(proj.T)                    # (embed, width)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        vc = clip.visual
+        self.image_size = vc.image_size[0] if isinstance(vc.image_size, (tuple, list)) else vc.image_size
+
+    # -- canonical iteration ----------------------------------------------------------------
+    def blocks(self, tower: str) -> nn.ModuleList:
+        return (self.clip.visual.transformer if tower == "visual" else self.clip.transformer).resblocks
+
+    def layers(self, towers=("visual", "text"), kinds=KINDS, proj: bool = True) -> dict[str, nn.Module]:
+        """name -> module, in canonical order (visual blocks, [visual.proj], text blocks)."""
+        out = {}
+        for tower in ("visual", "text"):
+            if tower not in towers:
+                continue
+            for i, blk in enumerate(self.blocks(tower)):
+                for kind in kinds:
+                    a, b = kind.split(".")
+                    out[f"{tower}.{i}.{kind}"] = getattr(getattr(blk, a), b)
+            if tower == "visual" and proj:
+                out["visual.proj"] = self.visual_proj
+        return out
+
+    def get_layer(self, name: str) -> nn.Module:
+        return self.layers()[name]
+
+    def set_layer(self, name: str, module: nn.Module) -> None:
+        """Replace an adapted layer (e.g. by a LoRALinear wrapping it)."""
+        if name == "visual.proj":
+            self.visual_proj = module
+            return
+        tower, i, a, b = name.split(".")
+        setattr(getattr(self.blocks(tower)[int(i)], a), b, module)
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual_proj(self.clip.visual(images))               # (N, width) -> (N, embed)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Tokens cut to the longest prompt in the batch: CLIP's text encoder is causal and pools
+        at the EOT token, so padding after the longest EOT never influences any output (exact;
+        tests/test_common.py checks it against the full context)."""
+        tok = self.tokenizer(texts)                                  # (N, ctx)
+        L = int((tok != 0).sum(1).max())
+        return tok[:, :max(L, 1)]
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        c = self.clip
+        L = tokens.shape[1]
+        x = c.token_embedding(tokens) + c.positional_embedding[:L]  # (N, L, width)
+        mask = c.attn_mask[:L, :L] if c.attn_mask is not None else None
+        x = c.transformer(x, attn_mask=mask)
+        x = c.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT token (N, width)
+        tp = c.text_projection
+        x = tp(x) if isinstance(tp, nn.Linear) else x @ tp          # (N, embed)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_texts(self, texts: list[str], device, normalize: bool = True) -> torch.Tensor:
+        return self.encode_text(self.tokenize(texts).to(device), normalize=normalize)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def forward(self, images, tokens):
+        return self.encode_image(images, True), self.encode_text(tokens, True)
+
+
+# ---- the toy benchmark's tiny CLIP (config + cached pretraining) ------------------------------
+
+TOY_MODEL = "toy-tiny"
+TOY_MODEL_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+# Pretraining recipe, chosen by measurement on 2 CPU cores (see README "toy benchmark").
+TOY_PRETRAIN = {"steps": 1500, "batch_size": 256, "lr": 2e-3, "warmup": 100, "weight_decay": 0.1}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLCLIP_CACHE", Path.home() / ".cache" / "clip-cl"))
+
+
+def _create(name: str, **kw):
+    if name == TOY_MODEL:
+        return open_clip.create_model("ViT-B-32", pretrained=None, **TOY_MODEL_CFG, **kw), \
+            TOY_MODEL_CFG["text_cfg"]["context_length"]
+    model = open_clip.create_model(name, **kw)
+    return model, model.context_length
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_clip(name: str, pretrained: str | None, device: torch.device | str = "cpu",
+              toy_seed: int = 0, toy_pretrain: dict | None = None, progress_bar: bool = True) -> ClipView:
+    """Build a CLIP as a `ClipView`, in fp32, in eval mode, on `device`.
+
+    name       open_clip model name, or `toy-tiny` (the toy benchmark's model)
+    pretrained an open_clip tag (e.g. `openai`), a local weights file (open_clip/state-dict
+               `.pt/.pth/.bin/.safetensors`, or OpenAI's original TorchScript `.pt`, which gets the
+               QuickGELU config it needs), `toy` (the cached toy pretraining), or `none`."""
+    device = torch.device(device)
+    tokenizer_name = "ViT-B-32" if name == TOY_MODEL else name
+    if pretrained == "toy":
+        if name != TOY_MODEL:
+            raise UserError(f"--pretrained toy only exists for --model {TOY_MODEL}")
+        clip, ctx = _toy_pretrained(toy_seed, toy_pretrain or TOY_PRETRAIN, progress_bar)
+    elif pretrained in (None, "none"):
+        clip, ctx = _create(name)
+    else:
+        path = Path(pretrained).expanduser()
+        try:
+            if path.is_file():
+                if name == TOY_MODEL:
+                    clip, ctx = _create(name)
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
+                    clip.load_state_dict(sd.get("state_dict", sd))
+                elif _is_torchscript(path):
+                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False, and
+                    # QuickGELU (open_clip applies it for the `openai` tag, not for a file).
+                    clip, ctx = _create(name, pretrained=str(path), force_quick_gelu=True, weights_only=False)
+                else:
+                    clip, ctx = _create(name, pretrained=str(path))
+            elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise UserError(f"weights file not found: {pretrained}")
+            else:
+                clip, ctx = _create(name, pretrained=pretrained)
+        except UserError:
+            raise
+        except RuntimeError as e:
+            msg = str(e)
+            if "Failed to download" in msg or "Unknown pretrained" in msg or "not found" in msg.lower():
+                raise UserError(
+                    f"could not load weights '{pretrained}' for {name} (offline, or an unknown tag); "
+                    f"download them once and pass --pretrained FILE (e.g. OpenAI's ViT-B-16.pt from "
+                    f"openaipublic.azureedge.net, or open_clip_pytorch_model.bin of "
+                    f"timm/vit_base_patch16_clip_224.openai)") from None
+            raise UserError(f"could not load weights '{pretrained}' for {name}: {msg.splitlines()[0][:300]}") from None
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise UserError(f"could not load weights '{pretrained}' for {name}: {str(e).splitlines()[0][:300]}") from None
+    tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=ctx)
+    return ClipView(clip.float(), tokenizer, ctx).to(device).eval()
+
+
+def load_clip_plain(name: str, **kw) -> nn.Module:
+    """Plain open_clip model (no view) for parity tests."""
+    return _create(name, **kw)[0]
+
+
+def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
+    """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
+    keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
+    import data
+    key = json.dumps({"cfg": TOY_MODEL_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed},
+                     sort_keys=True)
+    h = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"toy-clip-{h}.pt"
+    clip, ctx = _create(TOY_MODEL)
+    if path.is_file():
+        try:
+            clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return clip, ctx
+        except Exception:
+            print(f"warning: toy CLIP cache {path} unreadable; rebuilding it", file=sys.stderr)
+    print(f"pretraining the toy CLIP once ({recipe['steps']} steps; cached in {path})", file=sys.stderr)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=ctx)
+    pretrain_contrastive(clip, tokenizer, data.toy_pretraining_batches(seed, recipe["batch_size"]),
+                         recipe, seed, progress_bar)
+    atomic_torch_save(clip.state_dict(), path)
+    return clip, ctx
+
+
+def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: dict, seed: int,
+                         progress_bar: bool = True) -> None:
+    """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU."""
+    seed_all(seed)
+    clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    bar = progress(range(recipe["steps"]), progress_bar and sys.stderr.isatty(), desc="toy CLIP", leave=False)
+    for step in bar:
+        set_lr(opt, cosine_lr(step, recipe["lr"], recipe["warmup"], recipe["steps"]))
+        images, captions = next(batches)
+        tok = tokenizer(captions)
+        img = F.normalize(clip.encode_image(images), dim=-1)
+        txt = F.normalize(clip.encode_text(tok), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T       # (B, B)
+        y = torch.arange(len(images))
+        loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clip.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: LoRA ----
+# ---------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """y = W0 x + b + (alpha / r) * B A x, with W0, b frozen (LoRA, Hu et al. 2021, Eq. 3).
+
+    A: (r, d_in), B: (d_out, r). B starts at zero, so the layer starts equal to its base.
+    `merge()` folds (alpha/r) B A into W0 and resets B to zero (outputs unchanged)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        d_out, d_in = base.weight.shape
+        self.A = nn.Parameter(torch.zeros(r, d_in, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(d_out, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * self.B @ self.A                                 # (d_out, d_in)
+
+    def forward(self, x):
+        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.A), self.B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base.weight += self.delta().to(self.base.weight.dtype)
+        self.B.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: input statistics and linear algebra the methods share ----
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Call fn(name, x) with the input x of every module in `modules` on each forward."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fn(n, inp[0].detach()))
+               for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def accumulate_grams(model_fn: Callable[[object], None], loader: Iterable, modules: dict[str, nn.Module],
+                     dtype=torch.float64, max_batches: int | None = None,
+                     per_batch: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Uncentered Gram matrices G = X^T X of each module's inputs over a loader, on the model's
+    device. X stacks every token of every sample: input (..., d) -> (M, d). `per_batch(name, G_b)`
+    may transform each batch's Gram before it is summed (e.g. a normalisation)."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def fn(name, x):
+        X = x.reshape(-1, x.shape[-1]).to(dtype)                             # (M, d)
+        G = X.T @ X                                                          # (d, d)
+        if per_batch is not None:
+            G = per_batch(name, G)
+        grams[name] = grams[name] + G if name in grams else G
+
+    with input_hooks(modules, fn):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            model_fn(batch)
+    return grams
+
+
+def energy_rank(eigvals: torch.Tensor, threshold: float) -> int:
+    """Smallest k such that the top-k eigenvalues hold at least `threshold` of the total energy.
+
+    eigvals: non-negative, any order. Boundary rule: ratio >= threshold (ties keep the smaller k);
+    threshold <= 0 -> 0; threshold >= 1 -> the number of non-zero eigenvalues; all-zero -> 0."""
+    lam = torch.sort(eigvals.clamp(min=0).double(), descending=True).values
+    total = lam.sum()
+    if total <= 0 or threshold <= 0:
+        return 0
+    if threshold >= 1:
+        return int((lam > 0).sum())
+    ratio = torch.cumsum(lam, 0) / total
+    return int((ratio < threshold).sum().item()) + 1
+
+
+def orthonormal_complement(U: torch.Tensor, d: int | None = None) -> torch.Tensor:
+    """Orthonormal basis of the complement of span(U). U: (d, k) -> (d, d - rank(U))."""
+    d = U.shape[0] if d is None else d
+    if U.numel() == 0 or U.shape[1] == 0:
+        return torch.eye(d, dtype=U.dtype, device=U.device)
+    Q, S, _ = torch.linalg.svd(U, full_matrices=True)                       # Q: (d, d)
+    rank = int((S > S.max() * max(U.shape) * torch.finfo(S.dtype).eps).sum())
+    return Q[:, rank:]                                                       # (d, d - rank)
+
+
+def projector(U: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projector onto span(U) for U with orthonormal columns: P = U U^T, (d, d)."""
+    return U @ U.T
+
+
+def orthonormalize(U: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(U) (column order kept as far as possible). (d, k) -> (d, rank)."""
+    if U.shape[1] == 0:
+        return U
+    Q, R = torch.linalg.qr(U)
+    keep = R.diagonal().abs() > R.diagonal().abs().max() * max(U.shape) * torch.finfo(U.dtype).eps
+    return Q[:, keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: text features, zero-shot heads, evaluation ----
+# ---------------------------------------------------------------------------------------------
+
+
+def class_text_features(model: ClipView, classnames: list[str], template: str, device) -> torch.Tensor:
+    """Normalised text features of one prompt per class (with grad: used in training). (C, embed)"""
+    return model.encode_texts([template.format(c) for c in classnames], device, normalize=True)
+
+
+@torch.no_grad()
+def zeroshot_head(model: ClipView, classnames: list[str], templates: list[str], device,
+                  chunk: int = 256) -> torch.Tensor:
+    """ZSCL's zero-shot classifier: encode every template per class, normalise, average,
+    renormalise. Returns W: (embed, C)."""
+    prompts = [t.format(c) for c in classnames for t in templates]         # C * T prompts
+    feats = torch.cat([model.encode_texts(prompts[i:i + chunk], device) for i in range(0, len(prompts), chunk)])
+    feats = feats.view(len(classnames), len(templates), -1).mean(1)        # (C, embed)
+    return F.normalize(feats, dim=-1).T                                     # (embed, C)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int = 0,
+             amp: bool = False, progress_bar: bool = False) -> float:
+    """Top-1 accuracy (%) of `model` on task.test with the task's template-ensemble head."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast(device, amp):
+        W = zeroshot_head(model, task.classnames, task.templates, device)  # (embed, C)
+        correct = n = 0
+        loader = make_loader(task.test, batch_size, shuffle=False, seed=0, workers=workers, device=device)
+        for images, labels in progress(loader, progress_bar, desc=f"eval {task.name}", leave=False):
+            f = model.encode_image(images.to(device, non_blocking=True), normalize=True)  # (N, embed)
+            pred = (f @ W.to(f.dtype)).argmax(-1).cpu()
+            correct += (pred == labels).sum().item()
+            n += len(labels)
+    model.train(was_training)
+    return 100.0 * correct / max(n, 1)
+
+
+def evaluate_all(model: ClipView, tasks: list, args, device) -> list[float]:
+    """One row of the accuracy matrix: accuracy on every task of the benchmark."""
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    return [evaluate(model, t, device, args.eval_batch_size, args.workers, amp, args.progress) for t in tasks]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: MTIL metrics (ZSCL mtil/results.ipynb), table, heatmap ----
+# ---------------------------------------------------------------------------------------------
+
+
+def mtil_metrics(acc) -> dict:
+    """ZSCL's Transfer / Average / Last for an accuracy matrix A[t, d] (rows = after task t,
+    columns = datasets in training order). A run stopped early has fewer rows than columns:
+    Transfer uses the columns d >= 1 that have at least one row t < d; Average is the mean of
+    every entry present; Last is the mean of the last row.
+
+      Transfer_d = mean_{t < d} A[t, d]   (d = 2..T, 1-based)   Transfer = mean_d Transfer_d
+      Avg_d      = mean_t A[t, d]                               Average  = mean_d Avg_d
+      Last_d     = A[T, d]                                      Last     = mean_d Last_d
+    """
+    A = np.asarray(acc, dtype=float)
+    if A.ndim != 2 or A.shape[0] == 0:
+        raise ValueError("accuracy matrix must be 2-D with at least one row")
+    rows, cols = A.shape
+    transfer_d = [float(A[:min(d, rows), d].mean()) for d in range(1, cols)]
+    avg_d = A.mean(0).tolist()
+    last_d = A[-1].tolist()
+    return {"transfer": float(np.mean(transfer_d)) if transfer_d else float("nan"),
+            "average": float(np.mean(avg_d)), "last": float(np.mean(last_d)),
+            "transfer_per_dataset": transfer_d, "average_per_dataset": avg_d, "last_per_dataset": last_d}
+
+
+def format_table(names: list[str], acc, zero_shot: list[float] | None = None) -> str:
+    A = np.asarray(acc, dtype=float)
+    w = max(8, max(len(n) for n in names) + 1)
+    short = [n[:w - 1] for n in names]
+    lines = [" " * 14 + "".join(f"{s:>{w}}" for s in short)]
+    if zero_shot is not None:
+        lines.append(f"{'zero-shot':<14}" + "".join(f"{v:>{w}.1f}" for v in zero_shot))
+    for t, row in enumerate(A):
+        lines.append(f"{'after ' + short[t]:<14}"[:14] + "".join(f"{v:>{w}.1f}" for v in row))
+    m = mtil_metrics(A)
+    lines.append(f"Transfer {m['transfer']:.1f}   Average {m['average']:.1f}   Last {m['last']:.1f}")
+    return "\n".join(lines)
+
+
+def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    A = np.asarray(acc, dtype=float)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(A)))
+    im = ax.imshow(A, vmin=0, vmax=100, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(A)), [f"after {n}" for n in names[:len(A)]], fontsize=8)
+    for t in range(A.shape[0]):
+        for d in range(A.shape[1]):
+            ax.text(d, t, f"{A[t, d]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if A[t, d] < 60 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: the run folder (atomic writes, per-task checkpoint, resume) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def versions() -> dict:
+    import torchvision
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "open_clip": open_clip.__version__}
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Run:
+    """The run folder of DESIGN.md. Files: config.json, acc_matrix.csv, acc_matrix.png,
+    summary.json, checkpoint.pt (the latest finished task: method state + matrix so far).
+
+    CHOICE: one checkpoint file, overwritten atomically after each task (not one per task): a
+    full-model checkpoint of ViT-B/16 is ~0.6 GB and only the latest is needed to resume.
+    CHOICE: every task starts by re-seeding with (seed, task index), so a resumed run draws the
+    same random numbers as an uninterrupted one without replaying RNG state."""
+
+    CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size", "amp"}
+
+    def __init__(self, method: str, args: argparse.Namespace, datasets: list[str]):
+        self.method, self.args, self.datasets = method, args, datasets
+        self.out = Path(args.out)
+        self.t0 = time.time()
+        self.zero_shot: list[float] | None = None
+        self.acc: list[list[float]] = []
+        self.extra: dict = {}
+        self.state: dict | None = None  # the method state of the last finished task (on resume)
+        self.seconds_before = 0.0
+        cfg = {k: v for k, v in vars(args).items()}
+        self.config = {"method": method, "args": cfg, "datasets": datasets, "versions": versions()}
+        ckpt = self.out / "checkpoint.pt"
+        if args.resume:
+            if not ckpt.is_file():
+                raise UserError(f"--resume: no checkpoint in {self.out} (start without --resume)")
+            self._load(ckpt)
+        elif (self.out / "summary.json").exists() or ckpt.exists():
+            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or --out to start another")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.json", json.dumps(self.config, indent=2, default=str))
+
+    def _load(self, path: Path) -> None:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
+                            "delete it to start over") from None
+        want = {k: v for k, v in vars(self.args).items() if k not in self.CONFIG_KEYS_IGNORED}
+        have = {k: v for k, v in ck.get("args", {}).items() if k not in self.CONFIG_KEYS_IGNORED}
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if ck.get("method") != self.method or ck.get("datasets") != self.datasets or diff:
+            raise UserError(f"checkpoint in {self.out} was made with other settings "
+                            f"({', '.join('--' + d.replace('_', '-') for d in diff) or 'method/datasets'}); "
+                            "use the same flags or another --out")
+        self.zero_shot, self.acc, self.extra = ck["zero_shot"], ck["acc"], ck.get("extra", {})
+        self.state = ck["state"]
+        self.seconds_before = ck.get("seconds", 0.0)
+
+    @property
+    def start_task(self) -> int:
+        return len(self.acc)
+
+    def begin_task(self, t: int) -> None:
+        seed_all(self.args.seed * 1000 + t)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.t0
+
+    def set_zero_shot(self, row: list[float]) -> None:
+        self.zero_shot = [float(v) for v in row]
+
+    def finish_task(self, t: int, row: list[float], state: dict, trainable: int, extra: dict | None = None) -> None:
+        """Record the matrix row after task t, save the checkpoint (atomic), rewrite the outputs."""
+        self.acc.append([float(v) for v in row])
+        if extra:
+            for k, v in extra.items():
+                self.extra.setdefault(k, []).append(v)
+        self.extra["trainable_params"] = int(trainable)
+        atomic_torch_save({"method": self.method, "datasets": self.datasets,
+                           "args": {k: v for k, v in vars(self.args).items()},
+                           "zero_shot": self.zero_shot, "acc": self.acc, "extra": self.extra,
+                           "state": state, "seconds": self.seconds()}, self.out / "checkpoint.pt")
+        self.write_outputs()
+
+    def summary(self) -> dict:
+        m = mtil_metrics(self.acc)
+        s = {"method": self.method, "benchmark": self.args.benchmark, "order": self.args.order,
+             "datasets": self.datasets, "zero_shot": self.zero_shot, "acc_matrix": self.acc,
+             "transfer": m["transfer"], "average": m["average"], "last": m["last"],
+             "zero_shot_metrics": {k: mtil_metrics([self.zero_shot] * len(self.datasets))[k]
+                                   for k in ("transfer", "average", "last")},
+             "trainable_params": self.extra.get("trainable_params", 0), "seconds": round(self.seconds(), 1)}
+        s.update({k: v for k, v in self.extra.items() if k != "trainable_params"})
+        return s
+
+    def write_outputs(self) -> None:
+        names = self.datasets
+        csv = "after_task," + ",".join(names) + "\n" + "".join(
+            names[t] + "," + ",".join(f"{v:.2f}" for v in row) + "\n" for t, row in enumerate(self.acc))
+        atomic_write_text(self.out / "acc_matrix.csv", csv)
+        atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+        plot_matrix(names, self.acc, self.out / "acc_matrix.png",
+                    f"{self.method} {self.args.benchmark} order {self.args.order}")
+
+    def print_final(self) -> None:
+        print(format_table(self.datasets, self.acc, self.zero_shot))
+        z = mtil_metrics([self.zero_shot] * len(self.datasets))
+        print(f"(zero-shot: Transfer {z['transfer']:.1f}   Average {z['average']:.1f}   Last {z['last']:.1f})")
+        print(f"run folder: {self.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: benchmark set-up shared by every script ----
+# ---------------------------------------------------------------------------------------------
+
+
+def check_data(args) -> None:
+    """Fail early (before loading any model) when MTIL data is missing: exit 2 with the list."""
+    import data
+    if args.benchmark == "mtil":
+        names = data.MTIL_ORDERS[args.order][:args.max_tasks]
+        missing = data.mtil_missing(args.data_root, names)
+        if missing:
+            raise data.MissingDataError(data.format_missing(missing, args.data_root))
+
+
+def load_tasks(args, model: ClipView) -> list:
+    """The benchmark's tasks in training order (train split with the train transform, test split
+    with the eval transform), few-shot subsets applied when --few-shot K > 0."""
+    import data
+    if args.benchmark == "mtil":
+        tr, ev = data.clip_transforms(model.image_size)
+        tasks = data.mtil_tasks(args.data_root, args.order, tr, ev, max_tasks=args.max_tasks)
+    else:
+        tasks = data.toy_tasks(args.order, max_tasks=args.max_tasks)
+    if args.few_shot:
+        for t in tasks:
+            t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
+    return tasks
+
+
+def setup_model(args, device) -> ClipView:
+    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress)

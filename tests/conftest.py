@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random CLIP, the fast toy pretraining (once per session), offline env."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A fast pretraining variant of the toy CLIP, used by every end-to-end test (cached per session).
+FAST_TOY_PRETRAIN = {"steps": 60, "batch_size": 128, "lr": 2e-3, "warmup": 10, "weight_decay": 0.1}
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip-cache")
+    os.environ["CLCLIP_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def toy_weights(cache_env, tmp_path_factory) -> Path:
+    """A state-dict file of the toy CLIP after the fast pretraining; pass it as --pretrained FILE."""
+    import common
+    model = common.load_clip(common.TOY_MODEL, "toy", "cpu", toy_pretrain=FAST_TOY_PRETRAIN, progress_bar=False)
+    path = tmp_path_factory.mktemp("toyw") / "toy_fast.pt"
+    torch.save(model.clip.state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def tiny_clip():
+    import common
+    torch.manual_seed(0)
+    return common.load_clip(common.TOY_MODEL, "none", "cpu")

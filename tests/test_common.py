@@ -1,0 +1,211 @@
+"""Tests of common.py: CLIP view parity, text-context cut, LoRA, Gram hooks, linear algebra,
+metrics, run folder."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import common
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+# ---- CLIP view -----------------------------------------------------------------------------
+
+def test_view_parity_with_open_clip():
+    torch.manual_seed(0)
+    plain = common.load_clip_plain(common.TOY_MODEL).eval()
+    view = common.ClipView(copy.deepcopy(plain), common.open_clip.get_tokenizer("ViT-B-32", context_length=20), 20).eval()
+    x = torch.randn(3, 3, 32, 32)
+    texts = ["a red circle", "a photo of a big blue star on a striped background", "x"]
+    tok = view.tokenizer(texts)
+    with torch.no_grad():
+        assert torch.allclose(plain.encode_image(x), view.encode_image(x), atol=1e-5)
+        assert torch.allclose(plain.encode_text(tok), view.encode_text(tok), atol=1e-5)
+
+
+def test_adapted_layers_are_called_and_canonical(tiny_clip):
+    layers = tiny_clip.layers()
+    n_vis, n_txt = len(tiny_clip.blocks("visual")), len(tiny_clip.blocks("text"))
+    assert len(layers) == 6 * (n_vis + n_txt) + 1
+    assert list(layers)[:7] == [f"visual.0.{k}" for k in common.ClipView.KINDS] + ["visual.1.attn.q"]
+    assert all(isinstance(m, nn.Linear) for m in layers.values())
+    called = set()
+    with common.input_hooks(layers, lambda n, x: called.add(n)):
+        tiny_clip.encode_image(torch.randn(2, 3, 32, 32))
+        tiny_clip.encode_texts(["a red circle"], "cpu")
+    assert called == set(layers)
+
+
+def test_set_layer_changes_output(tiny_clip):
+    x = torch.randn(2, 3, 32, 32)
+    before = tiny_clip.encode_image(x).detach()
+    lin = tiny_clip.get_layer("visual.1.mlp.c_fc")
+    lora = common.LoRALinear(lin, r=2)
+    tiny_clip.set_layer("visual.1.mlp.c_fc", lora)
+    assert torch.equal(tiny_clip.encode_image(x).detach(), before)     # B = 0
+    with torch.no_grad():
+        lora.B.normal_()
+    assert not torch.allclose(tiny_clip.encode_image(x), before)
+    assert tiny_clip.get_layer("visual.1.mlp.c_fc") is lora
+
+
+def test_text_context_cut_is_exact(tiny_clip):
+    texts = ["a", "a small red circle in the top left on a dark striped background", "two words"]
+    full = tiny_clip.tokenizer(texts)
+    cut = tiny_clip.tokenize(texts)
+    assert cut.shape[1] < full.shape[1] and torch.equal(cut, full[:, :cut.shape[1]])
+    with torch.no_grad():
+        assert torch.allclose(tiny_clip.encode_text(full), tiny_clip.encode_text(cut), atol=1e-5)
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+@FAST
+@given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), r=st.integers(1, 4),
+       alpha=st.floats(0.1, 8), seed=st.integers(0, 1000))
+def test_lora_zero_b_equals_base_and_merge_is_exact(d_in, d_out, r, alpha, seed):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out).double()
+    lora = common.LoRALinear(copy.deepcopy(base), r, alpha).double()
+    x = torch.randn(5, d_in, dtype=torch.float64)
+    assert torch.equal(lora(x), base(x))
+    with torch.no_grad():
+        lora.B.normal_()
+    y = lora(x)
+    expected = base(x) + (alpha / r) * x @ (lora.B @ lora.A).T
+    assert torch.allclose(y, expected, atol=1e-10)
+    lora.merge()
+    assert torch.allclose(lora(x), y, atol=1e-10) and torch.count_nonzero(lora.B) == 0
+    assert all(not p.requires_grad for p in lora.base.parameters())
+
+
+# ---- Gram hooks ----------------------------------------------------------------------------------
+
+def test_gram_hooks_match_direct_computation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    batches = [torch.randn(5, 7, 4) for _ in range(3)]   # (N, tokens, d): all tokens count
+    grams = common.accumulate_grams(lambda b: net(b), batches, {"l0": net[0], "l2": net[2]})
+    X0 = torch.cat([b.reshape(-1, 4) for b in batches]).double()
+    X2 = torch.cat([torch.relu(net[0](b)).reshape(-1, 6) for b in batches]).double().detach()
+    assert torch.allclose(grams["l0"], X0.T @ X0, atol=1e-8)
+    assert torch.allclose(grams["l2"], X2.T @ X2, atol=1e-6)
+    g32 = common.accumulate_grams(lambda b: net(b), batches, {"l0": net[0]}, dtype=torch.float32)
+    assert g32["l0"].dtype == torch.float32
+
+
+# ---- linear algebra -----------------------------------------------------------------------------
+
+@FAST
+@given(lam=hnp.arrays(np.float64, st.integers(1, 12), elements=st.floats(0, 100)),
+       thr=st.floats(0.01, 0.99))
+def test_energy_rank_definition(lam, thr):
+    k = common.energy_rank(torch.tensor(lam), thr)
+    s = np.sort(lam)[::-1]
+    total = s.sum()
+    if total == 0:
+        assert k == 0
+        return
+    assert s[:k].sum() >= thr * total * (1 - 1e-12)                 # keeps what it claims
+    assert k == 1 or s[:k - 1].sum() < thr * total                  # and is the smallest such k
+
+
+def test_energy_rank_boundaries():
+    assert common.energy_rank(torch.tensor([5.0, 0, 0]), 0.99) == 1          # all energy in one direction
+    assert common.energy_rank(torch.ones(10), 0.5) == 5                     # flat spectrum: exactly half
+    assert common.energy_rank(torch.ones(10), 0.51) == 6
+    assert common.energy_rank(torch.tensor([3.0, 1, 0, 0]), 1.0) == 2       # rank-deficient, threshold 1
+    assert common.energy_rank(torch.zeros(4), 0.5) == 0
+    assert common.energy_rank(torch.ones(4), 0.0) == 0
+
+
+@FAST
+@given(d=st.integers(2, 10), k=st.integers(0, 6), seed=st.integers(0, 10_000))
+def test_complement_and_projector(d, k, seed):
+    k = min(k, d)
+    torch.manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0][:, :k]
+    C = common.orthonormal_complement(U)
+    assert C.shape == (d, d - k)
+    assert torch.allclose(C.T @ C, torch.eye(d - k, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(U.T @ C, torch.zeros(k, d - k, dtype=torch.float64), atol=1e-10)
+    P = common.projector(C)
+    assert torch.allclose(P, P.T, atol=1e-12) and torch.allclose(P @ P, P, atol=1e-10)
+    assert torch.allclose(P @ U, torch.zeros_like(U), atol=1e-10)
+    # duplicated columns (rank-deficient U) give the same complement dimension
+    if k:
+        assert common.orthonormal_complement(torch.cat([U, U], 1)).shape == (d, d - k)
+        assert common.orthonormalize(torch.cat([U, 2 * U], 1)).shape == (d, k)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+def test_metrics_hand_computed():
+    A = [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    m = common.mtil_metrics(A)
+    # Transfer: d=2 -> A[0,1]=20; d=3 -> mean(A[0,2], A[1,2]) = 45; mean = 32.5
+    assert m["transfer"] == pytest.approx(32.5)
+    assert m["average"] == pytest.approx(50.0)
+    assert m["last"] == pytest.approx(80.0)
+    assert m["transfer_per_dataset"] == [20.0, 45.0]
+
+
+def test_metrics_partial_run():
+    A = [[10, 20, 30, 40], [50, 60, 70, 80]]     # stopped after 2 of 4 tasks
+    m = common.mtil_metrics(A)
+    # d=2: 20; d=3: mean(30, 70)=50; d=4: mean(40, 80)=60  -> 43.33
+    assert m["transfer"] == pytest.approx((20 + 50 + 60) / 3)
+    assert m["average"] == pytest.approx(np.mean(A))
+    assert m["last"] == pytest.approx(65.0)
+
+
+def test_metrics_zero_shot_repeated_rows():
+    z = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]   # ZSCL's CLIP ViT-B/16
+    m = common.mtil_metrics([z] * 11)
+    assert round(m["transfer"], 1) == 69.4 and round(m["average"], 1) == 65.3 and round(m["last"], 1) == 65.3
+
+
+# ---- the run folder ----------------------------------------------------------------------------------
+
+def _args(tmp_path, **kw):
+    p = common.common_parser("x")
+    a = common.finalize_args(p.parse_args(["--benchmark", "toy", "--out", str(tmp_path / "run")]), "x")
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_run_folder_checkpoint_resume_and_errors(tmp_path):
+    args = _args(tmp_path)
+    run = common.Run("x", args, ["a", "b"])
+    run.set_zero_shot([1.0, 2.0])
+    run.finish_task(0, [3.0, 4.0], {"w": torch.ones(2)}, trainable=7)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["acc_matrix"] == [[3.0, 4.0]] and s["zero_shot"] == [1.0, 2.0] and s["trainable_params"] == 7
+    assert (tmp_path / "run" / "acc_matrix.png").is_file()
+    assert (tmp_path / "run" / "acc_matrix.csv").read_text().splitlines()[1] == "a,3.00,4.00"
+    with pytest.raises(common.UserError, match="already holds a run"):
+        common.Run("x", args, ["a", "b"])
+    args.resume = True
+    r2 = common.Run("x", args, ["a", "b"])
+    assert r2.start_task == 1 and torch.equal(r2.state["w"], torch.ones(2))
+    args.seed = 3
+    with pytest.raises(common.UserError, match="--seed"):
+        common.Run("x", args, ["a", "b"])
+    args.seed = 42
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(common.UserError, match="corrupt"):
+        common.Run("x", args, ["a", "b"])
+
+
+def test_bad_numbers_are_user_errors(tmp_path):
+    p = common.common_parser("x")
+    for bad in (["--iterations", "0"], ["--lr", "-1"], ["--batch-size", "-3"]):
+        with pytest.raises(common.UserError):
+            common.finalize_args(p.parse_args(bad), "x")
