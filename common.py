@@ -101,7 +101,8 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on mtil, 0 on toy)")
-    g.add_argument("--max-tasks", type=int, default=None, help="stop after this many tasks")
+    g.add_argument("--max-tasks", type=int, default=None,
+                   help="stop after training this many tasks (every dataset is still evaluated)")
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for evaluation on CUDA (auto = on for CUDA)")
@@ -367,7 +368,9 @@ def cache_dir() -> Path:
 
 def _create(name: str, **kw):
     if name == TOY_MODEL:
-        return open_clip.create_model("ViT-B-32", pretrained=None, **TOY_MODEL_CFG, **kw), \
+        if kw.get("pretrained"):
+            raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")
+        return open_clip.create_model("ViT-B-32", pretrained=None, **TOY_MODEL_CFG), \
             TOY_MODEL_CFG["text_cfg"]["context_length"]
     model = open_clip.create_model(name, **kw)
     return model, model.context_length
@@ -769,7 +772,10 @@ class Run:
     CHOICE: every task starts by re-seeding with (seed, task index), so a resumed run draws the
     same random numbers as an uninterrupted one without replaying RNG state."""
 
-    CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size", "amp"}
+    # flags that may differ between a run and its resumption (they do not change the results,
+    # or, for --max-tasks, only where the run stops)
+    CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size",
+                           "amp", "max_tasks"}
 
     def __init__(self, method: str, args: argparse.Namespace, datasets: list[str]):
         self.method, self.args, self.datasets = method, args, datasets
@@ -871,25 +877,30 @@ def check_data(args) -> None:
     """Fail early (before loading any model) when MTIL data is missing: exit 2 with the list."""
     import data
     if args.benchmark == "mtil":
-        names = data.MTIL_ORDERS[args.order][:args.max_tasks]
+        names = data.MTIL_ORDERS[args.order]  # every dataset is evaluated, even with --max-tasks
         missing = data.mtil_missing(args.data_root, names)
         if missing:
-            raise data.MissingDataError(data.format_missing(missing, args.data_root))
+            raise data.MissingDataError(missing)
 
 
 def load_tasks(args, model: ClipView) -> list:
-    """The benchmark's tasks in training order (train split with the train transform, test split
-    with the eval transform), few-shot subsets applied when --few-shot K > 0."""
+    """All the benchmark's tasks in training order (train split with the train transform, test
+    split with the eval transform), few-shot subsets applied when --few-shot K > 0. --max-tasks
+    limits training (`n_train_tasks`), not the columns of the matrix."""
     import data
     if args.benchmark == "mtil":
         tr, ev = data.clip_transforms(model.image_size)
-        tasks = data.mtil_tasks(args.data_root, args.order, tr, ev, max_tasks=args.max_tasks)
+        tasks = data.mtil_tasks(args.data_root, args.order, tr, ev)
     else:
-        tasks = data.toy_tasks(args.order, max_tasks=args.max_tasks)
+        tasks = data.toy_tasks(args.order)
     if args.few_shot:
         for t in tasks:
             t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
     return tasks
+
+
+def n_train_tasks(args, tasks: list) -> int:
+    return min(len(tasks), args.max_tasks or len(tasks))
 
 
 def setup_model(args, device) -> ClipView:

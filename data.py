@@ -1,4 +1,5 @@
-"""Datasets: the MTIL benchmark (11 torchvision datasets) and GNSP's ImageNet reference data.
+"""Datasets: the MTIL benchmark (11 torchvision datasets), GNSP's ImageNet reference data, and
+the procedural toy benchmark that makes every script runnable on a laptop CPU.
 
 MTIL = Multi-domain Task-Incremental Learning, from ZSCL (Zheng et al., ICCV 2023,
 arXiv 2303.06628; code: Thunderbeee/ZSCL, mtil/src/datasets/collections.py). We follow that
@@ -14,6 +15,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import random
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -402,15 +404,19 @@ def _imagenet_how(root: Path) -> str:
             f"{root}/ImageNet/train/n01440764/n01440764_10026.JPEG etc. exist (1000 wnid folders)")
 
 
+def _wnid_folders(train: Path) -> list[str]:
+    return sorted(w for w in set(os.listdir(train)) & set(IMAGENET_WNIDS) if (train / w).is_dir())
+
+
 def imagenet_missing(root) -> list[tuple[str, str, str]]:
     """[("ImageNet", expected path, how)] if <root>/ImageNet/train/<wnid>/ is absent, else []."""
     root = Path(root).expanduser()
     train = root / "ImageNet" / "train"
-    wnids = set(IMAGENET_WNIDS)
-    if train.is_dir() and any(e.is_dir() and e.name in wnids for e in os.scandir(train)):
-        return []
-    return [("ImageNet", str(train if not train.is_dir() else train / IMAGENET_WNIDS[0]),
-             _imagenet_how(root))]
+    if not train.is_dir():
+        return [("ImageNet", str(train), _imagenet_how(root))]
+    if not _wnid_folders(train):
+        return [("ImageNet", str(train / IMAGENET_WNIDS[0]), _imagenet_how(root))]
+    return []
 
 
 class ImageNetReference(Dataset):
@@ -438,7 +444,7 @@ def imagenet_reference(root, n: int = 1000, seed: int = 0, transform=None) -> Im
     # DEVIATION: GNSP walks os.listdir (file-system order); we sort, so a seed picks the same
     # images on every machine.
     files, wnids = [], []
-    for wnid in sorted(e.name for e in os.scandir(train) if e.is_dir() and e.name in names):
+    for wnid in _wnid_folders(train):
         for f in sorted(os.listdir(train / wnid)):
             if f.lower().endswith((".jpeg", ".jpg", ".png")):
                 files.append(str(train / wnid / f))
@@ -728,6 +734,186 @@ IMAGENET_CLASSNAMES = [
     "toilet paper",
 ]
 
+# ---- The toy benchmark: a procedural image-text world (no files shipped) ----
+# 32x32 RGB images of one object on a background. Every image has seven attributes; each toy task
+# asks about one of them (or a pair), so the tasks share images but not labels, as MTIL's tasks
+# share a backbone but not label spaces: learning "positions" can overwrite what CLIP knew about
+# "colours". The tiny CLIP is pretrained (common.load_clip, cached) on captions that mention each
+# attribute only part of the time, so zero-shot accuracy is above chance but not saturated.
+
+TOY_WORLD_VERSION = 1
+TOY_SIZE = 32
+TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
+TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
+               "purple": (150, 50, 200), "orange": (240, 130, 20), "pink": (240, 120, 190), "cyan": (40, 210, 220)}
+TOY_TEXTURES = ["plain", "striped", "dotted", "checkered"]
+TOY_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+TOY_SIZES = ["small", "medium", "large"]
+TOY_TONES = ["dark", "grey", "light"]
+_TONE_LEVEL = (0.22, 0.45, 0.68)
+_SIZE_RADIUS = ((4.0, 5.5), (6.5, 8.0), (9.0, 11.0))
+# the combination task: 10 (colour, shape) pairs, images restricted to them
+_COMBOS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "cross"),
+           ("purple", "diamond"), ("orange", "ring"), ("red", "square"), ("blue", "circle"),
+           ("green", "cross"), ("yellow", "triangle")]
+
+# task name -> (attribute, class names, templates; templates[0] is the training template)
+TOY_TASKS = {
+    "Shapes": ("shape", TOY_SHAPES, ["a {}.", "a drawing of a {}.", "a {} on a background."]),
+    "Colours": ("colour", list(TOY_COLOURS), ["a {} object.", "something {}.", "a {} thing."]),
+    "Textures": ("texture", TOY_TEXTURES, ["a {} background.", "an object on a {} background."]),
+    "Positions": ("position", TOY_POSITIONS, ["an object in the {}.", "something in the {} corner."]),
+    "Sizes": ("size", TOY_SIZES, ["a {} object.", "a {} thing."]),
+    "Tones": ("tone", TOY_TONES, ["a {} picture.", "an object on a {} background."]),
+    "Combos": ("combo", [f"{c} {s}" for c, s in _COMBOS], ["a {}.", "a drawing of a {}."]),
+}
+TOY_ORDERS = {"I": ["Colours", "Combos", "Positions", "Shapes", "Sizes", "Textures", "Tones"],
+              "II": ["Tones", "Shapes", "Positions", "Combos", "Textures", "Colours", "Sizes"]}
+
+
+def toy_attributes(n: int, g: torch.Generator, combos: bool = False) -> dict[str, torch.Tensor]:
+    """Sample n images' attributes (integer codes). combos=True restricts (colour, shape) to _COMBOS."""
+    a = {"shape": torch.randint(len(TOY_SHAPES), (n,), generator=g),
+         "colour": torch.randint(len(TOY_COLOURS), (n,), generator=g),
+         "texture": torch.randint(len(TOY_TEXTURES), (n,), generator=g),
+         "position": torch.randint(len(TOY_POSITIONS), (n,), generator=g),
+         "size": torch.randint(len(TOY_SIZES), (n,), generator=g),
+         "tone": torch.randint(len(TOY_TONES), (n,), generator=g)}
+    if combos:
+        k = torch.randint(len(_COMBOS), (n,), generator=g)
+        cols, shps = list(TOY_COLOURS), TOY_SHAPES
+        a["colour"] = torch.tensor([cols.index(_COMBOS[i][0]) for i in k])
+        a["shape"] = torch.tensor([shps.index(_COMBOS[i][1]) for i in k])
+        a["combo"] = k
+    return a
+
+
+def toy_render(a: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """Render attribute codes to images in [0, 1]: (n,) codes -> (n, 3, 32, 32)."""
+    n, S = len(a["shape"]), TOY_SIZE
+    ys, xs = torch.meshgrid(torch.arange(S).float(), torch.arange(S).float(), indexing="ij")  # (S, S)
+    # background: tone level + texture pattern + noise
+    tone = (torch.tensor(_TONE_LEVEL)[a["tone"]] + (torch.rand(n, generator=g) - 0.5) * 0.16).view(n, 1, 1)
+    phase = torch.randint(4, (n, 1, 1), generator=g).float()
+    pats = torch.stack([torch.zeros(S, S).expand(n, S, S),
+                        (((ys + phase) // 3) % 2).expand(n, S, S),
+                        ((((ys + phase) % 5) < 2) & (((xs + phase) % 5) < 2)).float(),
+                        ((((ys + phase) // 4) + ((xs + phase) // 4)) % 2)], 1)  # (n, 4, S, S)
+    pat = pats[torch.arange(n), a["texture"]]                                  # (n, S, S)
+    bg = (tone + 0.14 * (pat - 0.5) * torch.where(tone > 0.5, -1.0, 1.0)).clamp(0, 1)
+    img = bg.unsqueeze(1).repeat(1, 3, 1, 1)                                   # (n, 3, S, S)
+    # object: size -> radius, position -> quadrant centre + jitter
+    lo, hi = torch.tensor(_SIZE_RADIUS).T
+    u = torch.rand(n, generator=g)
+    r = (lo[a["size"]] + u * (hi[a["size"]] - lo[a["size"]])).view(n, 1, 1)
+    qx = torch.tensor([0.27, 0.73, 0.27, 0.73])[a["position"]] * S
+    qy = torch.tensor([0.27, 0.27, 0.73, 0.73])[a["position"]] * S
+    cx = (qx + (torch.rand(n, generator=g) - 0.5) * 4).view(n, 1, 1)
+    cy = (qy + (torch.rand(n, generator=g) - 0.5) * 4).view(n, 1, 1)
+    dx, dy = xs - cx, ys - cy                                                  # (n, S, S)
+    masks = torch.stack([dx ** 2 + dy ** 2 < r ** 2,                                       # circle
+                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r,                      # square
+                         (dy < 0.7 * r) & (dy > -0.9 * r) & (dx.abs() < (dy + 0.9 * r) * 0.6),  # triangle
+                         ((dx.abs() < 0.3 * r) | (dy.abs() < 0.3 * r)) & (torch.maximum(dx.abs(), dy.abs()) < r),  # cross
+                         dx.abs() + dy.abs() < r,                                           # diamond
+                         (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2)], 1)  # ring
+    mask = masks[torch.arange(n), a["shape"]].unsqueeze(1).float()             # (n, 1, S, S)
+    rgb = torch.tensor(list(TOY_COLOURS.values())).float()[a["colour"]] / 255  # (n, 3)
+    rgb = (rgb + (torch.rand(n, 3, generator=g) - 0.5) * 0.45).clamp(0, 1).view(n, 3, 1, 1)
+    img = img * (1 - mask) + rgb * mask
+    img = img + 0.06 * torch.randn(img.shape, generator=g)
+    return img.clamp(0, 1)
+
+
+_CAPTION_P = {"colour": 0.5, "shape": 0.7, "texture": 0.4, "position": 0.5, "size": 0.5, "tone": 0.3}
+
+
+def toy_caption(a: dict[str, int], rng: random.Random) -> str:
+    """One caption from a small grammar; each attribute is mentioned only part of the time."""
+    say = {k: rng.random() < p for k, p in _CAPTION_P.items()}
+    noun = TOY_SHAPES[a["shape"]] if say["shape"] else rng.choice(["object", "thing", "shape"])
+    adj = " ".join(w for w, k in ((TOY_SIZES[a["size"]], "size"), (list(TOY_COLOURS)[a["colour"]], "colour")) if say[k])
+    words = ["a", adj, noun] if adj else ["a", noun]
+    if say["position"]:
+        words.append(f"in the {TOY_POSITIONS[a['position']]}")
+    bg = " ".join(w for w, k in ((TOY_TONES[a["tone"]], "tone"), (TOY_TEXTURES[a["texture"]], "texture")) if say[k])
+    if bg:
+        words.append(f"on a {bg} background")
+    return " ".join(words)
+
+
+def _codes(a, i):
+    return {k: int(v[i]) for k, v in a.items()}
+
+
+class ToyImages(torch.utils.data.Dataset):
+    """A fixed set of toy images with integer labels, normalised with CLIP's mean/std."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        self.images = (images - mean) / std                                    # (n, 3, 32, 32)
+        self.targets = labels.long()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.targets[i])
+
+
+class ToyPairs(torch.utils.data.Dataset):
+    """Image-caption pairs of the toy world (the reference split, ImageNet's role for GNSP)."""
+
+    def __init__(self, images: torch.Tensor, captions: list[str]):
+        self.images = ToyImages(images, torch.zeros(len(captions))).images
+        self.captions = captions
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return self.images[i], self.captions[i]
+
+
+def _task_seed(seed: int, name: str, split: str) -> int:
+    return (seed * 1_000_003 + sum(ord(c) * 31 ** i for i, c in enumerate(name + split))) % 2**31
+
+
+def toy_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 500) -> Task:
+    attr, classnames, templates = TOY_TASKS[name]
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        g = torch.Generator().manual_seed(_task_seed(seed, name, split))
+        a = toy_attributes(n, g, combos=attr == "combo")
+        splits[split] = ToyImages(toy_render(a, g), a[attr])
+    return Task(name, list(classnames), list(templates), splits["train"], splits["test"])
+
+
+def toy_tasks(order: str = "I", seed: int = 0, max_tasks: int | None = None, **kw) -> list[Task]:
+    return [toy_task(n, seed, **kw) for n in TOY_ORDERS[order][:max_tasks]]
+
+
+def toy_reference(seed: int = 0, n: int = 1000, split: str = "train") -> ToyPairs:
+    """Reference image-caption pairs (split 'train' for distillation, 'heldout' for alignment metrics)."""
+    g = torch.Generator().manual_seed(_task_seed(seed, "reference", split))
+    rng = random.Random(_task_seed(seed, "reference-captions", split))
+    a = toy_attributes(n, g)
+    return ToyPairs(toy_render(a, g), [toy_caption(_codes(a, i), rng) for i in range(n)])
+
+
+def toy_pretraining_batches(seed: int, batch_size: int, pool: int = 20000):
+    """Endless stream of pretraining batches (normalised images, captions), a function of seed
+    only: a pool of rendered images, each drawn with a fresh random caption every time."""
+    g = torch.Generator().manual_seed(_task_seed(seed, "pretrain", "stream"))
+    rng = random.Random(_task_seed(seed, "pretrain-captions", "stream"))
+    a = toy_attributes(pool, g)
+    images = ToyImages(toy_render(a, g), a["shape"]).images                   # (pool, 3, 32, 32)
+    while True:
+        idx = torch.randint(pool, (batch_size,), generator=g)
+        yield images[idx], [toy_caption(_codes(a, int(i)), rng) for i in idx]
+
+
 # ---- command line ----
 
 def _check(root: Path, names: list[str]) -> int:
@@ -756,7 +942,7 @@ def _check(root: Path, names: list[str]) -> int:
     if missing:
         print(f"missing  {'ImageNet':<13} expected {missing[0][1]}  ->  {missing[0][2]}")
     else:
-        n = len({e.name for e in os.scandir(root / "ImageNet" / "train")} & set(IMAGENET_WNIDS))
+        n = len(_wnid_folders(root / "ImageNet" / "train"))
         print(f"found    {'ImageNet':<13} {n} class folders (GNSP reference data)")
     # CHOICE: the exit code reflects the MTIL datasets only; ImageNet is needed by gnsp.py alone.
     return 0 if ok else 2

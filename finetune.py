@@ -108,13 +108,14 @@ def main(argv=None):
     if run.zero_shot is None:
         run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
         print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
-    for t in range(run.start_task, len(tasks)):
+    for t in range(run.start_task, common.n_train_tasks(args, tasks)):
         run.begin_task(t)
         t0 = time.time()
         loss = train_task(model, tasks[t], t, args, device) if args.mode == "continual-ft" else float("nan")
         after_task(model, tasks[t], args, device)
         row = common.evaluate_all(model, tasks, args, device)
-        run.finish_task(t, row, {"model": model.state_dict()}, common.trainable_params(model))
+        trainable = common.trainable_params(model) if args.mode == "continual-ft" else 0
+        run.finish_task(t, row, {"model": model.state_dict()}, trainable)
         print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {time.time() - t0:.0f}s | "
               + "  ".join(f"{a:.1f}" for a in row), flush=True)
     run.print_final()
