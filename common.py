@@ -366,7 +366,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLCLIP_CACHE", Path.home() / ".cache" / "clip-cl"))
 
 
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs a warning for every random-init model; our toy/none models are meant so."""
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _create(name: str, **kw):
+    with _quiet_open_clip():
+        return _create_model(name, **kw)
+
+
+def _create_model(name: str, **kw):
     if name == TOY_MODEL:
         if kw.get("pretrained"):
             raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")

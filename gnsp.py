@@ -1,0 +1,430 @@
+"""gnsp.py -- GNSP: gradient null-space projection, contrastive distillation and modality
+alignment preservation for continual learning of CLIP.
+
+Paper:  Peng, Liu, Yang, Hong, Tian, "GNSP: Gradient Null Space Projection for Preserving
+        Cross-Modal Alignment in VLMs Continual Learning", arXiv 2507.19839 (2025).
+Code:   Ppp-Ttt/GNSP @ 55746ce (run_mtil.py, configs/mtil_order_{I,II}.json,
+        src/models/finetune_gnsp.py, get_data_matrix.py, helpers.py). Only the paper's abstract
+        could be read, so every default below is the official code's (section numbers "R x.y"
+        refer to /work/shared/research/gnsp.md, which records that code).
+
+Idea:   Task 1 fine-tunes CLIP fully. After each task, one pass over its training images records
+        the uncentered Gram matrix of the inputs of the 25 image-encoder weights that are trained
+        from then on (the 24 MLP weights c_fc / c_proj and the visual projection). From task 2 on
+        only those weights are trained, and their gradient is projected onto the "null space" of
+        the accumulated Gram: the eigen-directions that together hold less than rho = 15 % of the
+        input energy (g <- g P, P = U0 U0^T). A weight update g P barely changes the layer's
+        output on inputs of earlier tasks (W x = (W - lr g P) x when P x = 0). Two losses on 64
+        reference image-caption pairs (ImageNet) per step keep the zero-shot alignment of the
+        original CLIP: contrastive distillation (CD) of its image<->text logits, and modality
+        alignment preservation (MAP), a CLIP-style InfoNCE on the pairs.
+
+Run:    python gnsp.py --benchmark toy                       # CPU, minutes
+        python gnsp.py --order I --data-root ~/data          # MTIL (+ ImageNet train), GPU
+        python gnsp.py --order II --ref-data none            # without CD / MAP (no ImageNet)
+
+Memory (ViT-B/16): the accumulated statistics M (25 matrices, 12*768^2 + 12*3072^2 + 768^2
+floats = 484 MB fp32) live on the CPU and in the checkpoint; only the latest M is kept. The 25
+projectors P (same size) are built on the training device at the start of each task >= 2 and
+freed at its end; the teacher (original CLIP) is only used to pre-compute its reference logits.
+
+Deviations from the official code (each marked `# DEVIATION:` where it happens):
+  * evaluation ensembles all templates for every dataset (ZSCL), not templates[0] for seen ones
+  * Gram eigendecomposition with eigh in float64 (code: fp32 torch.svd; same rule)
+  * teacher reference logits pre-computed once per task (code: a teacher forward every step)
+  * reference images sampled from a sorted file list, CLIP class names in captions (data.py)
+Choices where paper and code are silent (`# CHOICE:`): reference seed tied to --seed; toy
+reference data and toy hyper-parameters; held-out pairs for the alignment metrics and their
+definitions; class-prompt features computed once per task when the text tower is frozen;
+task and reference images share one forward pass.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---------------------------------------------------------------------------------------------
+
+# GNSP configs/mtil_order_{I,II}.json (R 1.4): (lr, iterations) per task; batch 64 for all.
+MTIL_DEFAULTS = {
+    "I": {"Aircraft": (1e-5, 100), "Caltech101": (2e-5, 500), "CIFAR100": (1e-5, 1000), "DTD": (5e-5, 500),
+          "EuroSAT": (2e-5, 500), "Flowers": (2e-5, 1000), "Food": (5e-5, 1000), "MNIST": (1e-5, 500),
+          "OxfordPet": (5e-5, 500), "StanfordCars": (5e-5, 1000), "SUN397": (2e-5, 1000)},
+    "II": {"StanfordCars": (1e-5, 1000), "Food": (1e-5, 1000), "MNIST": (1e-5, 500), "OxfordPet": (1e-5, 500),
+           "Flowers": (2e-5, 1000), "SUN397": (2e-5, 1000), "Aircraft": (5e-5, 1000), "Caltech101": (1e-5, 500),
+           "DTD": (5e-5, 500), "EuroSAT": (1e-5, 500), "CIFAR100": (1e-5, 1000)},
+}
+# CHOICE: toy defaults, chosen by measurement (/work/notes/gnsp.md): finetune.py's toy budget
+# (150 steps, batch 64) with the lr that gives GNSP the best Average on both orders.
+TOY_DEFAULTS = {"iterations": 150, "batch_size": 64, "lr": 1e-4}
+
+
+def parse_args(argv=None):
+    p = common.common_parser("gnsp", __doc__)
+    g = p.add_argument_group("method")
+    g.add_argument("--first-task", choices=["full", "restricted"], default="full",
+                   help="task 1 trains every weight (code) or only the 25 protected ones, unprojected")
+    g.add_argument("--rho", type=float, default=0.15, help="null space = eigen-directions holding < rho of the energy")
+    g.add_argument("--project", choices=["gradient", "update"], default="gradient",
+                   help="project the raw gradient before AdamW (code) or AdamW's update (Adam-NSCL; ablation)")
+    g.add_argument("--accumulation", choices=["gnsp", "sum"], default="gnsp",
+                   help="gnsp: sum for MLP layers, renormalise-then-add for visual.proj (code); sum: sum for all")
+    g.add_argument("--label-smoothing", type=float, default=0.2)
+    g.add_argument("--distill-weight", type=float, default=1.0, help="lambda_CD")
+    g.add_argument("--temperature", type=float, default=2.0, help="T of contrastive distillation")
+    g.add_argument("--map-weight", type=float, default=0.75, help="lambda_MAP")
+    g.add_argument("--ref-data", choices=["auto", "none"], default="auto",
+                   help="auto: ImageNet train (mtil) / toy reference split (toy); none: no CD / MAP")
+    g.add_argument("--ref-n", type=int, default=1000, help="reference pairs per task")
+    g.add_argument("--ref-batch-size", type=int, default=None, help="reference pairs per step (default: --batch-size)")
+    g.add_argument("--gram-batch-size", type=int, default=16)
+    g.add_argument("--gram-batches", type=int, default=None, help="batches of the after-task pass (default: all)")
+    g.add_argument("--align-n", type=int, default=1000, help="held-out pairs for modality gap / retrieval")
+    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (code: 100)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    args = common.finalize_args(p.parse_args(argv), "gnsp")
+    if not 0 < args.rho <= 1:
+        raise common.UserError(f"--rho must be in (0, 1], got {args.rho}")
+    if not args.temperature > 0:
+        raise common.UserError(f"--temperature must be > 0, got {args.temperature}")
+    for name in ("ref_n", "ref_batch_size", "gram_batch_size", "gram_batches", "align_n"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def task_hparams(args, name: str) -> tuple[int, int, float, int]:
+    """(iterations, batch size, lr, warm-up) for a task: the flag if given, else the default."""
+    if args.benchmark == "mtil":
+        lr, iterations = MTIL_DEFAULTS[args.order][name]
+        iterations, batch_size = args.iterations or iterations, args.batch_size or 64
+        warmup = args.warmup   # code: 100 even for the 100-step Aircraft task (lr never decays, R 6.9)
+    else:
+        lr, iterations = TOY_DEFAULTS["lr"], args.iterations or TOY_DEFAULTS["iterations"]
+        batch_size = args.batch_size or TOY_DEFAULTS["batch_size"]
+        warmup = min(args.warmup, iterations // 2)   # as finetune.py on toy
+    return iterations, batch_size, args.lr if args.lr is not None else lr, warmup
+
+
+def ref_batch_size(args, name: str) -> int:
+    """Reference pairs per step: the task batch size, as the code (R 3.3)."""
+    return args.ref_batch_size or task_hparams(args, name)[1]
+
+
+def check_data(args) -> None:
+    """Before loading the model: every missing MTIL dataset and the ImageNet reference data."""
+    if args.benchmark != "mtil":
+        return
+    missing = data.mtil_missing(args.data_root, data.MTIL_ORDERS[args.order])
+    if args.ref_data != "none":
+        missing += data.imagenet_missing(args.data_root)
+    if missing:
+        raise data.MissingDataError(missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: the protected layers and the null-space projector (R 1.2, R 2) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def protected_layers(model: common.ClipView) -> dict:
+    """The 25 weights trained from task 2 on (ViT-B/16): visual.{b}.mlp.c_fc, visual.{b}.mlp.c_proj
+    (b = 0..11) and visual.proj. Each is an nn.Linear, weight W: (d_out, d_in), y = x W^T."""
+    return model.layers(towers=("visual",), kinds=("mlp.c_fc", "mlp.c_proj"), proj=True)
+
+
+def set_trainable(model: common.ClipView, t: int, args) -> bool:
+    """R 1.2: task 1 trains everything but logit_scale; later tasks only the protected weights
+    (no biases, LayerNorms, attention or text tower). Returns whether the text tower trains."""
+    model.requires_grad_(False)
+    if t == 0 and args.first_task == "full":
+        model.requires_grad_(True)
+        model.logit_scale.requires_grad_(False)                    # code: logit_scale never trained
+        return True
+    for lin in protected_layers(model).values():
+        lin.weight.requires_grad_(True)
+    return False
+
+
+def null_space_projector(M: torch.Tensor, rho: float) -> tuple[torch.Tensor, int]:
+    """P = U0 U0^T onto the eigen-directions of M (symmetric PSD, (d, d)) that hold less than rho
+    of its trace (code: find_k_binary, R 2.3). k = the smallest number of top directions whose
+    tail sum_{j >= k} lambda_j / sum_j lambda_j < rho (strict); these k are protected, P U_k = 0.
+    Returns (P: (d, d) float32 on M's device, k). M = 0 protects nothing (P = I)."""
+    # DEVIATION: eigh in float64 (code: fp32 torch.svd of the same symmetric matrix, R 6.3).
+    lam, U = torch.linalg.eigh(M.double())                         # ascending; (d,), (d, d)
+    lam, U = lam.flip(0).clamp(min=0), U.flip(1)                   # lambda_1 >= ... >= lambda_d
+    tail = torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])  # tail[j] = sum_{i>=j} lambda_i, (d+1,)
+    k = int((tail >= rho * tail[0]).sum()) if tail[0] > 0 else 0  # tail is non-increasing
+    U0 = U[:, k:]                                                  # null-space basis (d, d - k)
+    return (U0 @ U0.T).float(), k                                  # (d, d)
+
+
+@torch.no_grad()
+def project_gradients(W: dict, P: dict) -> None:
+    """g <- g P for every protected weight (R 2.4). W: (d_out, d_in), P: (d_in, d_in): the update
+    then lies in the null space of the stored inputs x (rows of X), so (W + dW) x = W x on them.
+    (open_clip's visual.proj is used as x @ proj and the code projects P g; our nn.Linear holds
+    proj^T, so it is the same g P as for the MLP weights.)"""
+    for name, w in W.items():
+        if w.grad is not None:
+            w.grad.copy_(w.grad @ P[name])                         # (d_out, d_in) @ (d_in, d_in)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: contrastive distillation and modality alignment preservation (R 3.2 - 3.4) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def contrastive_distillation(Z0: torch.Tensor, Z: torch.Tensor, T: float) -> torch.Tensor:
+    """L_CD = D(Z0, Z) + D(Z0^T, Z^T) with D(A, B) = T^2 mean_i -sum_j softmax(A_i/T)_j
+    log softmax(B_i/T)_j (helpers.distillation): the teacher's image->text and text->image
+    distributions over the reference batch as soft targets. Z0, Z: (R, R) logits."""
+    def D(A, B):
+        return -(F.softmax(A / T, -1) * F.log_softmax(B / T, -1)).sum(-1).mean() * T ** 2
+    return D(Z0, Z) + D(Z0.T, Z.T)
+
+
+def same_caption(captions: list[str], device) -> torch.Tensor:
+    """Y_ij = 1[c_i = c_j] / #{k: c_k = c_i}: pairs with the same caption are all positives (R 3.4)."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    y = torch.tensor([ids[c] for c in captions], device=device)   # (R,)
+    same = (y[:, None] == y[None, :]).float()                      # (R, R)
+    return same / same.sum(1, keepdim=True)
+
+
+def modality_alignment_preservation(Z: torch.Tensor, Y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """L_MAP = CE(Z, Y~) + CE(Z^T, Y~), Y~ = (1 - eps) Y + eps / R (soft targets with label
+    smoothing; Y is symmetric). Z: (R, R) current logits, temperature = logit_scale."""
+    return F.cross_entropy(Z, Y, label_smoothing=smoothing) + F.cross_entropy(Z.T, Y, label_smoothing=smoothing)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: reference pairs, teacher logits, alignment metrics ----
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_data(args, tasks: list, model: common.ClipView):
+    """(per-task reference pairs or None, held-out pairs for the alignment metrics or None)."""
+    if args.benchmark == "toy":
+        # CHOICE: one fixed toy reference sample for every task (the toy world's pretraining
+        # distribution plays ImageNet's role); held-out pairs from the toy world's heldout split.
+        held = data.toy_reference(seed=0, n=args.align_n, split="heldout")
+        return (None if args.ref_data == "none" else [data.toy_reference(seed=0, n=args.ref_n, split="train")] * len(tasks)), held
+    ev = data.clip_transforms(model.image_size)[1]
+    seed_held = args.seed + 1000   # CHOICE: not one of the training seeds (seed + 0..10)
+    if args.ref_data == "none":
+        if data.imagenet_missing(args.data_root):
+            print("note: no ImageNet train images: modality gap / retrieval are not reported", flush=True)
+            return None, None
+        return None, data.imagenet_reference(args.data_root, args.align_n, seed_held, ev)
+    # R 3.3: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
+    # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42).
+    refs = [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
+            for t in tasks]
+    # CHOICE: held-out pairs = ImageNet-train images of another seed minus every image of any
+    # task's reference sample (disjoint from what CD / MAP ever see).
+    seen = {f for r in refs for f in r.files}
+    cand = data.imagenet_reference(args.data_root, args.align_n + len(seen), seed_held, ev)
+    keep = [i for i, f in enumerate(cand.files) if f not in seen][:args.align_n]
+    held = data.ImageNetReference([cand.files[i] for i in keep], [cand.captions[i] for i in keep], ev)
+    return refs, held
+
+
+@torch.no_grad()
+def teacher_logits(model: common.ClipView, ref, batch_size: int, args, device) -> list[torch.Tensor]:
+    """Z0 = s * u0 v0^T of the original CLIP on each (fixed, unshuffled) reference batch (R 3.2).
+    DEVIATION: computed once (deterministic eval transform), the code re-runs the teacher every step."""
+    model.eval()
+    Z0 = []
+    for images, captions in common.make_loader(ref, batch_size, False, 0, args.workers, device=device):
+        u0 = model.encode_image(images.to(device), normalize=True)  # (R, e)
+        v0 = model.encode_texts(list(captions), device)             # (R, e)
+        Z0.append(model.logit_scale.exp() * u0 @ v0.T)              # (R, R)
+    return Z0
+
+
+@torch.no_grad()
+def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
+    """The paper's alignment claims, made measurable on held-out image-caption pairs (R 4.2).
+    CHOICE: modality gap = ||mean_i u_i - mean_i v_i||_2 over the pairs (Liang et al. 2022),
+    normalised features; image->text Recall@1 over the distinct captions; text->image Recall@1
+    per distinct caption (a hit = the top image has that caption)."""
+    model.eval()
+    U, caps = [], []
+    for images, captions in common.make_loader(pairs, args.eval_batch_size, False, 0, args.workers, device=device):
+        U.append(model.encode_image(images.to(device), normalize=True))
+        caps += list(captions)
+    U = torch.cat(U)                                                # (N, e)
+    uniq = list(dict.fromkeys(caps))
+    idx = torch.tensor([uniq.index(c) for c in caps], device=device)  # (N,) caption id of each image
+    V = torch.cat([model.encode_texts(uniq[i:i + 256], device) for i in range(0, len(uniq), 256)])  # (C, e)
+    i2t = ((U @ V.T).argmax(1) == idx).float().mean()               # (N, C) -> (N,)
+    t2i = (idx[(V @ U.T).argmax(1)] == torch.arange(len(uniq), device=device)).float().mean()  # (C, N) -> (C,)
+    return {"modality_gap": round((U.mean(0) - V[idx].mean(0)).norm().item(), 4),
+            "i2t_r1": round(100 * i2t.item(), 2), "t2i_r1": round(100 * t2i.item(), 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: GNSP, one task (finetune_gnsp.py) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def train_task(model: common.ClipView, task, t: int, args, device, P: dict | None = None,
+               ref=None, Z0: list | None = None) -> float:
+    iterations, batch_size, lr, warmup = task_hparams(args, task.name)
+    text_trains = set_trainable(model, t, args)                     # R 1.2
+    W = {n: lin.weight for n, lin in protected_layers(model).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)  # R 1.3: wd 0, betas (0.9, 0.999)
+    batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
+                                                workers=args.workers, device=device))
+    if ref is not None:   # R 3.3: fixed unshuffled reference batches, cycled
+        ref_batches = common.forever(common.make_loader(ref, ref_batch_size(args, task.name), False, 0,
+                                                        args.workers, device=device))
+    if not text_trains:   # CHOICE: frozen text tower -> class features once (identical values, faster)
+        with torch.no_grad():
+            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+    model.train()
+    loss_sum = 0.0
+    for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
+        common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        n = len(images)
+        if ref is not None:   # CHOICE: task and reference images in one forward pass (same result)
+            ref_images, captions = next(ref_batches)
+            images = torch.cat([images, ref_images.to(device, non_blocking=True)])  # (n + R, 3, H, W)
+        if text_trains:
+            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+        feats = model.encode_image(images, normalize=True)          # (n [+ R], e)
+        s = model.logit_scale.exp()                                  # frozen: 100 for OpenAI CLIP
+        # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (R 3.5) ----
+        loss = F.cross_entropy(s * feats[:n] @ text.T, labels, label_smoothing=args.label_smoothing)  # (n, C)
+        if ref is not None:
+            v = model.encode_texts(list(captions), device)           # (R, e) current text tower
+            Z = s * feats[n:] @ v.T                                  # (R, R) image->text logits
+            loss = loss + args.distill_weight * contrastive_distillation(Z0[step % len(Z0)], Z, args.temperature)
+            loss = loss + args.map_weight * modality_alignment_preservation(
+                Z, same_caption(list(captions), device), args.label_smoothing)
+        common.check_finite(loss, task.name, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # ---- PAPER: null-space projection (R 2.4) ----
+        if P is not None and args.project == "gradient":
+            project_gradients(W, P)                                  # g <- g P, then AdamW
+        if P is not None and args.project == "update":
+            W_old = {name: w.detach().clone() for name, w in W.items()}
+            opt.step()
+            with torch.no_grad():                                    # W <- W_old + (W - W_old) P
+                for name, w in W.items():
+                    w.copy_(W_old[name] + (w - W_old[name]) @ P[name])  # (d_out, d_in) @ (d_in, d_in)
+        else:
+            opt.step()
+        # ---- PLUMBING ----
+        loss_sum += loss.item()
+    model.eval()
+    return loss_sum / max(iterations, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: after a task, accumulate the input statistics of the protected layers (R 2.1-2.2) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def after_task(model: common.ClipView, task, t: int, args, device, M: dict) -> None:
+    """One pass over the task's training split (train transform, batch 16, trained model):
+        S_t = sum_B G_B / ||G_B||_F,  G_B = X_B^T X_B  (X_B: all tokens of the batch, (B*L, d);
+              the CLS row after ln_post for visual.proj, (B, d))
+        S^_t = S_t / ||S_t||_F
+        M_t = M_{t-1} + S^_t                        MLP layers
+        M_t = M_{t-1} / ||M_{t-1}||_F + S^_t        visual.proj (code; --accumulation sum: plain sum)
+    M (name -> (d_in, d_in) float32) is updated in place and kept on the CPU."""
+    loader = common.make_loader(task.train, args.gram_batch_size, shuffle=True, seed=args.seed * 1000 + t,
+                                workers=args.workers, device=device)
+    model.eval()
+    # CHOICE: float32 accumulation as the code; the eigendecomposition is float64.
+    S = common.accumulate_grams(lambda b: model.encode_image(b[0].to(device, non_blocking=True)), loader,
+                                protected_layers(model), dtype=torch.float32, max_batches=args.gram_batches,
+                                per_batch=lambda name, G: G / G.norm())      # G_B / ||G_B||_F, (d, d)
+    for name, S_t in S.items():
+        S_hat = S_t / S_t.norm()                                      # task-level normalisation
+        if name in M:
+            M_prev = M[name].to(device)
+            if name == "visual.proj" and args.accumulation == "gnsp":
+                M_prev = M_prev / M_prev.norm()                       # recent tasks weigh more (R 2.2)
+            S_hat = M_prev + S_hat
+        M[name] = S_hat.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: main (setup, loop over tasks, evaluate, save) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    check_data(args)
+    model = common.setup_model(args, device)
+    tasks = common.load_tasks(args, model)
+    names = [t.name for t in tasks]
+    run = common.Run("gnsp", args, names)
+    n_train = common.n_train_tasks(args, tasks)
+    refs, held = reference_data(args, tasks, model)
+    if refs is None:
+        print("reference data: none -> contrastive distillation and MAP are off (CE only)", flush=True)
+    # the teacher is the original CLIP: its reference logits are computed before any state is loaded
+    Z0 = {t: teacher_logits(model, refs[t], ref_batch_size(args, names[t]), args, device)
+          for t in range(run.start_task, n_train)} if refs else {}
+    if held is not None and "alignment_zero_shot" not in run.extra:
+        run.extra["alignment_zero_shot"] = alignment_metrics(model, held, args, device)
+    M: dict = {}
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        M = run.state["M"]
+    if run.zero_shot is None:
+        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
+        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
+    for t in range(run.start_task, n_train):
+        run.begin_task(t)
+        t0 = time.time()
+        P, k = None, {}
+        if t > 0 and M:   # projectors on the training device for this task only
+            P, k = {}, {}
+            for name, M_l in M.items():
+                P[name], k[name] = null_space_projector(M_l.to(device), args.rho)
+        loss = train_task(model, tasks[t], t, args, device, P, refs[t] if refs else None, Z0.get(t))
+        del P
+        t1 = time.time()
+        if t < len(tasks) - 1:   # nothing to protect after the benchmark's last task
+            after_task(model, tasks[t], t, args, device, M)
+        t_after = time.time() - t1
+        row = common.evaluate_all(model, tasks, args, device)
+        extra = {"protected_dims": sum(k.values()), "after_task_seconds": round(t_after, 2)}
+        if held is not None:
+            extra.update(alignment_metrics(model, held, args, device))
+        run.finish_task(t, row, {"model": model.state_dict(), "M": M}, common.trainable_params(model), extra)
+        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {t1 - t0:.0f}s + {t_after:.0f}s | "
+              + "  ".join(f"{a:.1f}" for a in row), flush=True)
+        if k:
+            d = sum(M_l.shape[0] for M_l in M.values())
+            print(f"    protected input directions (all {len(k)} layers): {sum(k.values())} of {d}, "
+                  f"visual.proj {k['visual.proj']} of {M['visual.proj'].shape[0]}", flush=True)
+        if held is not None:
+            z = run.extra["alignment_zero_shot"]
+            print(f"    held-out pairs: modality gap {extra['modality_gap']:.3f} (zero-shot {z['modality_gap']:.3f})"
+                  f"  R@1 image->text {extra['i2t_r1']:.1f} ({z['i2t_r1']:.1f})"
+                  f"  text->image {extra['t2i_r1']:.1f} ({z['t2i_r1']:.1f})", flush=True)
+    run.print_final()
+
+
+if __name__ == "__main__":
+    common.cli_main(main)

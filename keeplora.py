@@ -1,0 +1,446 @@
+"""keeplora.py -- KeepLoRA++ and KeepLoRA: LoRA confined to the residual subspace, merged after
+every task; KeepLoRA++ adds a shallow-to-deep layer scale on the LoRA branch.
+
+Papers: Luo et al., "KeepLoRA: Continual Learning with Residual Gradient Adaptation", ICLR 2026,
+        arXiv 2601.19659 (`--variant keeplora`); Luo et al., "KeepLoRA++", arXiv 2606.16256
+        (`--variant keeplora++`, the default). Only the abstracts could be read; the notation
+        below follows third-party paper notes (Props. 3.1/3.2), see research/keeplora.md.
+Code:   MaolinLuo/KeepLoRA, MTIL/ (v1 = KeepLoRA, commit a17f9c2; v2 = KeepLoRA++, commit 7abf7ec):
+        trainer.py (gradient estimate, A/B init), prin_subspace*.py (W_p, GPM-style update),
+        peft_modules.py / peft_vit.py (LoRA branch, `build_layer_scales`), configs/*.yaml.
+
+Idea:   Every adapted weight W (attention q, k, v, out of both encoders) keeps an orthonormal basis
+        M' of input directions to protect: before task 1 its principal subspace W_p (the top
+        singular directions holding eps_w of ||W||^2), later extended with the input features of
+        each finished task (GPM). For a new task the full-data gradient G of each W is projected
+        onto the residual (I - M'M'^T) G, and its top-r left singular vectors become the LoRA's
+        frozen A; only B is trained. Because A is orthogonal to M', x A B = 0 for every x in
+        span(M') whatever B becomes: the layer's output on protected inputs cannot move. After the
+        task the LoRA is merged into W and reset. KeepLoRA++ starts B at zero and multiplies the
+        vision LoRA branch of block l by s_l = 0.2 + 0.8 l / (L - 1), so shallow layers (general
+        knowledge) move less than deep ones (task knowledge).
+
+        Orientation: the paper writes y = x W with W (d_in, d_out), A (d_in, r), B (r, d_out).
+        PyTorch stores W^T (d_out, d_in); the module below holds A^T (r, d_in) and B^T (d_out, r).
+        --principal-side: the official CLIP code takes W_p as the LEFT singular vectors of the
+        PyTorch weight, i.e. its OUTPUT space, and then uses them on the input side (it runs only
+        because q, k, v, out are square); the paper and the official LLaVA code take the input
+        space (right singular vectors of the PyTorch weight). `code` (default) reproduces the
+        published CLIP numbers, `paper` is the paper's definition.
+
+DEVIATIONS (marked in the code): training in fp32 (the code uses fp16 autocast + GradScaler;
+        common.py autocasts only evaluation); --iterations per task instead of epochs on MTIL
+        (computed from the config's epochs, same step count); the text feature pass sees
+        positions up to the longest class prompt, not all 77 (common's tokenizer cuts the
+        context; the later positions are padding); M' is re-orthonormalised after each update.
+CHOICES (marked): exact SVD in float64 instead of the randomized `svd_lowrank` (deterministic,
+        negligible difference at r = 16); saturation guards on A (rank cap, re-projection,
+        1e-6 residual-energy skip); the feature pass uses a seeded shuffled loader; the toy
+        defaults (TOY_DEFAULTS).
+
+Run:    python keeplora.py --benchmark toy                        # KeepLoRA++ on CPU, minutes
+        python keeplora.py --benchmark toy --variant keeplora     # KeepLoRA (v1)
+        python keeplora.py --order I --data-root ~/data           # MTIL, GPU
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---------------------------------------------------------------------------------------------
+
+# Official configs (MTIL/configs/keeplora_order{1,2}.yaml, also used by v2): AdamW lr 1e-3,
+# batch 64, epochs per task (Order I/II as listed); steps per task = epochs * ceil(N_train / 64).
+MTIL_DEFAULTS = {"batch_size": 64, "lr": 1e-3,
+                 "epochs": {"I": [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5],
+                            "II": [5, 2, 5, 5, 5, 5, 10, 10, 10, 10, 10]}}
+# CHOICE: toy defaults, chosen by measurement (see /work/notes/keeplora.md): filled in below.
+TOY_DEFAULTS = {"iterations": 150, "batch_size": 64, "lr": 1e-3}
+
+ADAPTED_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out")     # code: q, k, v, o; no MLP, no proj
+
+
+def parse_args(argv=None):
+    p = common.common_parser("keeplora", __doc__)
+    g = p.add_argument_group("method")
+    g.add_argument("--variant", choices=["keeplora++", "keeplora"], default="keeplora++",
+                   help="keeplora++ (v2): B = 0 and layer scaling; keeplora (v1): B = S V^T, no scaling")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank r (code: 16 for both encoders)")
+    g.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha; scaling alpha / r (code: 1)")
+    g.add_argument("--eps-w-vision", type=float, default=0.85, help="energy of W kept in W_p, vision (code: 0.85)")
+    g.add_argument("--eps-w-text", type=float, default=0.2, help="energy of W kept in W_p, text (code: 0.2)")
+    g.add_argument("--eps-f", type=float, default=0.99, help="feature energy kept by the GPM update (code: 0.99)")
+    g.add_argument("--principal-side", choices=["code", "paper"], default="code",
+                   help="W_p from the output (code) or input (paper) singular vectors of the weight")
+    g.add_argument("--feature-stat", choices=["sum", "covariance"], default="sum",
+                   help="X = batch token matrices summed element-wise (code) or all tokens (X X^T = covariance)")
+    g.add_argument("--b-init", choices=["zero", "svd"], default=None,
+                   help="B0 = 0 (keeplora++) or S_r V_r^T with the compensating weight shift (keeplora)")
+    g.add_argument("--gamma", type=float, default=None,
+                   help="layer scale s_l = gamma + (1 - gamma) l / (L - 1); default 0.2 (keeplora++), 1 = off (keeplora)")
+    g.add_argument("--scale-text", action="store_true", help="apply the layer scale to the text encoder too")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-batches", type=int, default=None, help="cap on batches of the gradient estimate (default: all)")
+    g.add_argument("--feature-batches", type=int, default=None, help="cap on batches of the feature pass (default: all)")
+    args = p.parse_args(argv)
+    args = common.finalize_args(args, args.variant)
+    if args.b_init is None:
+        args.b_init = "zero" if args.variant == "keeplora++" else "svd"
+    if args.gamma is None:
+        args.gamma = 0.2 if args.variant == "keeplora++" else 1.0
+    if args.rank < 1:
+        raise common.UserError(f"--rank must be >= 1, got {args.rank}")
+    for name in ("eps_w_vision", "eps_w_text", "eps_f"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("grad_batches", "feature_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def task_hparams(args, task, t: int) -> tuple[int, int, float]:
+    """(iterations, batch size, lr) for task t: the flag if given, else the official value."""
+    if args.benchmark == "toy":
+        d = TOY_DEFAULTS
+        return args.iterations or d["iterations"], args.batch_size or d["batch_size"], args.lr or d["lr"]
+    bs = args.batch_size or MTIL_DEFAULTS["batch_size"]
+    # DEVIATION: steps instead of epochs; the same count as the code's OneCycle (epochs * len(loader)).
+    iterations = args.iterations or MTIL_DEFAULTS["epochs"][args.order][t] * math.ceil(len(task.train) / bs)
+    return iterations, bs, args.lr or MTIL_DEFAULTS["lr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: the LoRA branch with frozen A and layer scale (peft_modules.KeepLoRA) ----
+# ---------------------------------------------------------------------------------------------
+
+
+class KeepLoRALinear(nn.Module):
+    """y = x W + s_l (alpha / r) x A B   (paper orientation; code: peft_modules.KeepLoRA.forward).
+
+    In PyTorch orientation: y = W0 x + b + s * (alpha / r) * B^T (A^T x), with the buffer
+    `A` = A^T: (r, d_in), frozen by construction (code: a plain tensor), and the parameter
+    `B` = B^T: (d_out, r), the only trained weight. Both are zero between tasks (LoRA off)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, s: float):
+        super().__init__()
+        self.base = base
+        self.r, self.scaling, self.s = r, alpha / r, s
+        d_out, d_in = base.weight.shape
+        self.register_buffer("A", torch.zeros(r, d_in, device=base.weight.device))   # A^T: (r, d_in)
+        self.B = nn.Parameter(torch.zeros(d_out, r, device=base.weight.device))     # B^T: (d_out, r)
+        self.enabled = True
+
+    def delta(self) -> torch.Tensor:
+        """s_l (alpha/r) (A B)^T, the weight change in PyTorch orientation: (d_out, d_in)."""
+        return self.s * self.scaling * self.B @ self.A                             # (d_out, r)(r, d_in)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.s * self.scaling * F.linear(F.linear(x, self.A), self.B)   # (.., d_in)->(.., r)->(.., d_out)
+
+    @torch.no_grad()
+    def merge_and_reset(self) -> None:
+        """Sec. 2.5: W <- W + s_l (alpha/r) A B (also in the merge: code get_delta_weight); A = B = 0."""
+        self.base.weight += self.delta()
+        self.A.zero_()
+        self.B.zero_()
+
+
+def layer_scales(L: int, gamma: float) -> list[float]:
+    """KeepLoRA++ (v2 peft_vit.build_layer_scales): s_l = gamma + (1 - gamma) l / (L - 1), 1 if L = 1."""
+    return [1.0] if L == 1 else [gamma + (1 - gamma) * l / (L - 1) for l in range(L)]
+
+
+def add_keeplora(model: common.ClipView, args) -> dict[str, KeepLoRALinear]:
+    """Freeze all of CLIP; wrap q, k, v, out of every block of both encoders. Returns name -> module."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = {}
+    for tower in ("visual", "text"):
+        scaled = tower == "visual" or args.scale_text     # code: the text tuner keeps layer_scale = 1
+        s = layer_scales(len(model.blocks(tower)), args.gamma if scaled else 1.0)
+        for name, base in model.layers(towers=(tower,), kinds=ADAPTED_KINDS, proj=False).items():
+            lora[name] = KeepLoRALinear(base, args.rank, args.alpha, s[int(name.split(".")[1])])
+            model.set_layer(name, lora[name])
+    return lora
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: energy ranks, W_p, the residual A, the GPM update (Sec. 2.1, 2.3, 2.6) ----
+# ---------------------------------------------------------------------------------------------
+
+LA = torch.float64           # CHOICE: subspace linear algebra in float64 (d <= 768: cheap), bases stored fp32
+SATURATION_TOL = 1e-6        # CHOICE (research/keeplora.md Sec. 6.7): skip a module whose residual energy
+                             # ||(I - M'M'^T) G||^2 is below this fraction of ||G||^2 (M' saturated)
+
+
+def energy_rank_below(sigma2: torch.Tensor, eps: float) -> int:
+    """Code rule (prin_subspace_helper): k = max(1, #{i : sum_{j<=i} sigma_j^2 / sum sigma^2 < eps}),
+    so the top-k directions hold slightly LESS than eps; eps <= 0 -> 0 (the code's "w/o W_p")."""
+    if eps <= 0:
+        return 0
+    lam = torch.sort(sigma2.clamp(min=0).to(LA), descending=True).values
+    cum = torch.cumsum(lam, 0) / lam.sum()                                  # cumulative energy
+    return max(1, int((cum < eps).sum()))
+
+
+def principal_subspace(W: torch.Tensor, eps: float, side: str) -> torch.Tensor:
+    """Sec. 2.1: W_p, orthonormal (d_in, p). W: PyTorch weight (d_out, d_in), square here.
+    side 'code': left singular vectors of the PyTorch weight (output space, used on the input
+    side as the official CLIP code does); 'paper': right singular vectors (input space)."""
+    U, S, Vh = torch.linalg.svd(W.to(LA))                                   # W = U diag(S) Vh
+    basis = U if side == "code" else Vh.T                                   # (d, d)
+    return basis[:, :energy_rank_below(S ** 2, eps)].float()                # (d_in, p)
+
+
+def residual_A(G: torch.Tensor, M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Sec. 2.3 / Prop. 3.2. G: task gradient in paper orientation (d_in, d_out); M = M': (d_in, k)
+    orthonormal. Returns A (d_in, r) with orthonormal columns orthogonal to M' (zero columns where
+    the residual is exhausted), B0 = S_r V_r^T = A^T G_hat (r, d_out), and the kept energy
+    ||G_hat||^2 / ||G||^2."""
+    G, M = G.to(LA), M.to(LA)
+    d_in = G.shape[0]
+    A = torch.zeros(d_in, r, dtype=LA, device=G.device)
+    G_hat = G - M @ (M.T @ G)                                               # (I - M'M'^T) G: (d_in, d_out)
+    total, resid = (G ** 2).sum(), (G_hat ** 2).sum()
+    kept = float(resid / total) if total > 0 else 0.0
+    r_eff = min(r, d_in - M.shape[1], min(G.shape))                        # CHOICE: cap r at d_in - rank(M')
+    if r_eff > 0 and total > 0 and resid > SATURATION_TOL * total:
+        U = torch.linalg.svd(G_hat, full_matrices=False)[0][:, :r_eff]    # top-r left singular vectors (d_in, r_eff)
+        U = U - M @ (M.T @ U)                                               # CHOICE: re-project against M' (round-off)
+        good = U.norm(dim=0) > 0.5                                          # a unit column mostly inside M' is noise
+        Q, R = torch.linalg.qr(U[:, good])                                  # re-orthonormalise (d_in, n_good)
+        A[:, :int(good.sum())] = Q * torch.sign(torch.diagonal(R))         # signs as in U (QR sign fix)
+    B0 = A.T @ G_hat                                                        # = S_r V_r^T: (r, d_in)(d_in, d_out)
+    return A.float(), B0.float(), kept
+
+
+def gpm_extend(M: torch.Tensor, K: torch.Tensor, eps_f: float) -> torch.Tensor:
+    """Sec. 2.6 (GPM update). M = M': (d, k) orthonormal; K = X X^T: (d, d) with X (d, n) the
+    module's feature matrix. Returns [M', U_hat[:, :k']] re-orthonormalised, where U_hat are the
+    left singular vectors of X_hat = (I - M'M'^T) X and k' is the fewest that bring the energy of
+    X inside the basis to eps_f (M' empty: the code's first-task rule, energy_rank_below)."""
+    K, M0 = K.to(LA), M.to(LA)
+    d = K.shape[0]
+    total = torch.trace(K)
+    if total <= 0:
+        return M
+    R = torch.eye(d, dtype=LA, device=K.device) - M0 @ M0.T                # I - M'M'^T: (d, d)
+    K_hat = R @ K @ R                                                       # X_hat X_hat^T: (d, d)
+    lam, U_hat = torch.linalg.eigh(K_hat)                                   # lam = s_hat^2 (ascending)
+    lam, U_hat = lam.flip(0).clamp(min=0), U_hat.flip(1)                    # descending
+    if M.shape[1] == 0:
+        k = energy_rank_below(lam, eps_f)
+    else:
+        acc0 = 1 - torch.trace(K_hat) / total                               # energy of X already in span(M')
+        before = acc0 + torch.cumsum(lam, 0) / total - lam / total          # energy held before adding i
+        k = int(((before < eps_f) & (lam > 0)).sum())                       # code: add while acc < eps_f
+    k = min(k, d - M.shape[1])                                              # at most d_in columns in all
+    if k == 0:
+        return M
+    # DEVIATION: re-orthonormalise [M', U_hat_k] (QR); the code concatenates only.
+    return common.orthonormalize(torch.cat([M0, U_hat[:, :k]], 1)).float()  # (d, k + k')
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: task loss, gradient estimate and feature statistics (Sec. 2.2, 2.6) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def task_loss(model: common.ClipView, images, labels, task, device) -> torch.Tensor:
+    """Code: plain CE of logit_scale * cos(image, text) over the task's classes, templates[0]."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+    img = model.encode_image(images, normalize=True)                       # (N, e)
+    return F.cross_entropy(model.logit_scale.exp() * img @ text.T, labels)  # logits (N, C)
+
+
+def full_loader(task, batch_size: int, seed: int, args, device):
+    """Shuffled, drop_last (the code's train loader), batch capped at the split size."""
+    return common.make_loader(task.train, min(batch_size, len(task.train)), shuffle=True, seed=seed,
+                              workers=args.workers, drop_last=True, device=device)
+
+
+def estimate_gradient(model, lora: dict[str, KeepLoRALinear], batches, task, device) -> dict[str, torch.Tensor]:
+    """Sec. 2.2 (trainer.estimate_gradient): G = mean over batches of dL/dW at the merged weights,
+    LoRA off. Returns name -> G in paper orientation (d_in, d_out)."""
+    Ws = [m.base.weight for m in lora.values()]
+    for m, W in zip(lora.values(), Ws):
+        m.enabled = False
+        W.requires_grad_(True)
+    n = 0
+    for images, labels in batches:
+        task_loss(model, images, labels, task, device).backward()          # sums dL_b/dW into W.grad
+        n += 1
+    G = {name: W.grad.T / max(n, 1) for name, W in zip(lora, Ws)}          # (d_out, d_in) -> (d_in, d_out)
+    for m, W in zip(lora.values(), Ws):
+        W.requires_grad_(False)
+        W.grad = None
+        m.enabled = True
+    return G
+
+
+@torch.no_grad()
+def feature_moments(lora: dict[str, KeepLoRALinear], forwards, stat: str) -> dict[str, torch.Tensor]:
+    """Sec. 2.6: K = X X^T (d_in, d_in) per module from its inputs over `forwards` (callables).
+    stat 'sum' (code, KeepLoRA.accumulate_features): X = mean over batches of the aligned token
+    matrices X_b (d_in, N*L), so K = X X^T; 'covariance': K = sum_b X_b X_b^T (every token).
+    q, k, v read the same LN_1 output: their statistics are gathered once, from q."""
+    src = {n: n.replace("attn.k", "attn.q").replace("attn.v", "attn.q") for n in lora}
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook(name, x):                                                      # x: (N, L, d_in)
+        if stat == "sum":
+            acc[name] = acc[name] + x if name in acc else x.clone()
+        else:
+            X = x.reshape(-1, x.shape[-1]).to(LA)                           # (N*L, d_in)
+            acc[name] = acc[name] + X.T @ X if name in acc else X.T @ X     # (d_in, d_in)
+
+    n = 0
+    with common.input_hooks({s: lora[s] for s in set(src.values())}, hook):
+        for fwd in forwards:
+            fwd()
+            n += 1
+    K = {}
+    for s, a in acc.items():
+        if stat == "sum":
+            X = (a / n).reshape(-1, a.shape[-1]).to(LA)                     # X^T: (N*L, d_in)
+            K[s] = X.T @ X                                                  # (d_in, d_in)
+        else:
+            K[s] = a
+    return {name: K[s] for name, s in src.items() if s in K}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: one task (init A, B from the residual gradient; train B; Sec. 2.2-2.4, 2.7) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def init_task(model, lora, M, task, t: int, args, device) -> dict:
+    """Sec. 2.7 lines 2-3: G from the task's data, A = top-r residual directions, B0 (+ shift)."""
+    _, batch_size, _ = task_hparams(args, task, t)
+    t0 = time.time()
+    loader = full_loader(task, batch_size, args.seed * 1000 + t + 500, args, device)
+    batches = (b for i, b in enumerate(loader) if args.grad_batches is None or i < args.grad_batches)
+    G = estimate_gradient(model, lora, batches, task, device)
+    t1 = time.time()
+    kept = []
+    with torch.no_grad():
+        for name, m in lora.items():
+            A, B0, k = residual_A(G[name], M[name], args.rank)             # (d_in, r), (r, d_out)
+            kept.append(k)
+            m.A.copy_(A.T)                                                  # A^T: (r, d_in)
+            if args.b_init == "svd":                                        # KeepLoRA (v1): B0 = S_r V_r^T and
+                m.B.copy_(B0.T)                                             # B^T: (d_out, r)
+                m.base.weight -= m.delta()                                  # W <- W - s (alpha/r) A B0: f unchanged
+            else:                                                           # KeepLoRA++ (v2): B0 = 0
+                m.B.zero_()
+    return {"grad_seconds": round(t1 - t0, 2), "svd_seconds": round(time.time() - t1, 2),
+            "residual_grad_energy": round(sum(kept) / len(kept), 4)}
+
+
+def train_task(model: common.ClipView, lora, M, task, t: int, args, device) -> tuple[float, dict]:
+    info = init_task(model, lora, M, task, t, args, device)
+    iterations, batch_size, lr = task_hparams(args, task, t)
+    params = [m.B for m in lora.values()]                                   # only B is trained
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations)  # code: defaults
+    batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
+                                                workers=args.workers, device=device))
+    model.train()
+    loss_sum = 0.0
+    t0 = time.time()
+    for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
+        images, labels = next(batches)
+        loss = task_loss(model, images, labels, task, device)
+        common.check_finite(loss, task.name, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item()
+    model.eval()
+    info["train_seconds"] = round(time.time() - t0, 2)
+    return loss_sum / max(iterations, 1), info
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: after the task (merge and reset; extend M' with the task's features; Sec. 2.5-2.6) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def after_task(model, lora, M, task, t: int, args, device) -> dict:
+    for m in lora.values():
+        m.merge_and_reset()                                                 # Sec. 2.5, LoRA off afterwards
+    t0 = time.time()
+    _, batch_size, _ = task_hparams(args, task, t)
+    # CHOICE: the feature pass reuses a seeded shuffled drop_last loader (the code's train loader).
+    loader = full_loader(task, batch_size, args.seed * 1000 + t + 700, args, device)
+    vis = {n: m for n, m in lora.items() if n.startswith("visual.")}
+    txt = {n: m for n, m in lora.items() if n.startswith("text.")}
+    vis_forwards = (lambda b=b: model.encode_image(b[0].to(device, non_blocking=True))
+                    for i, b in enumerate(loader) if args.feature_batches is None or i < args.feature_batches)
+    K = feature_moments(vis, vis_forwards, args.feature_stat)               # vision: the training split
+    # DEVIATION: text positions stop at the longest prompt (common's tokenizer), not all 77.
+    K.update(feature_moments(txt, [lambda: model.encode_texts(
+        [task.templates[0].format(c) for c in task.classnames], device)], args.feature_stat))  # text: class prompts
+    for name in lora:
+        M[name] = gpm_extend(M[name], K[name], args.eps_f)                  # M' <- [M', U_hat_k]
+    frac = {tw: sum(M[n].shape[1] / M[n].shape[0] for n in M if n.startswith(tw))
+            / sum(n.startswith(tw) for n in M) for tw in ("visual", "text")}
+    return {"feature_seconds": round(time.time() - t0, 2),
+            "protected_frac_visual": round(frac["visual"], 4), "protected_frac_text": round(frac["text"], 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: main (setup, loop over tasks, evaluate, save) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    common.check_data(args)
+    model = common.setup_model(args, device)
+    lora = add_keeplora(model, args)
+    tasks = common.load_tasks(args, model)
+    names = [t.name for t in tasks]
+    run = common.Run(args.variant, args, names)
+    if run.state is not None:                                               # merged weights and M' after the last task
+        with torch.no_grad():
+            for n, m in lora.items():
+                m.base.weight.copy_(run.state["W"][n])
+        M = {n: run.state["M"][n].to(device) for n in lora}
+    else:                                                                   # Sec. 2.1: M'_0 = W_p, before task 1
+        M = {n: principal_subspace(m.base.weight, args.eps_w_vision if n.startswith("visual.") else args.eps_w_text,
+                                   args.principal_side) for n, m in lora.items()}
+    if run.zero_shot is None:
+        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
+        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
+    for t in range(run.start_task, common.n_train_tasks(args, tasks)):
+        run.begin_task(t)
+        t0 = time.time()
+        loss, info = train_task(model, lora, M, tasks[t], t, args, device)
+        info.update(after_task(model, lora, M, tasks[t], t, args, device))
+        row = common.evaluate_all(model, tasks, args, device)
+        state = {"W": {n: m.base.weight.detach().cpu() for n, m in lora.items()},
+                 "M": {n: M[n].cpu() for n in lora}}
+        run.finish_task(t, row, state, common.trainable_params(model), extra=info)
+        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {time.time() - t0:.0f}s | "
+              + "  ".join(f"{a:.1f}" for a in row), flush=True)
+    run.print_final()
+
+
+if __name__ == "__main__":
+    common.cli_main(main)

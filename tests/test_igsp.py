@@ -1,0 +1,262 @@
+"""Tests of igsp.py: gating, zero-output experts, pruning, the Phase-1 regulariser, frozen history
+and exact old-task outputs after real optimiser steps, parameter accounting on the real
+ViT-B/16 architecture, the task selector, and the command line (run + resume)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import common
+import data
+import igsp
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _args(*extra):
+    return igsp.parse_args(["--benchmark", "toy", "--no-progress", "--batch-size", "8", "--selector-samples", "32",
+                            "--selector-steps", "5", *extra])
+
+
+def _task(name, seed, n=24, C=3):
+    g = torch.Generator().manual_seed(seed)
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(C, (n,), generator=g))
+    return data.Task(name, [f"thing{i}" for i in range(C)], ["a {}.", "a photo of a {}."], ds, ds)
+
+
+def _moe(d, n_hist, M, args, seed=0):
+    """A stand-alone MoEMLP (identity LN, a small MLP) with n_hist history experts and M candidates."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential()
+    mlp.add_module("c_fc", torch.nn.Linear(d, 2 * d))
+    mlp.add_module("gelu", torch.nn.GELU())
+    mlp.add_module("c_proj", torch.nn.Linear(2 * d, d))
+    m = igsp.MoEMLP(torch.nn.Identity(), mlp, args.top_k)
+    igsp.add_experts(m, n_hist + M, args)
+    m.n_hist = n_hist
+    m.add_router(n_hist + M)
+    m.route = 0
+    return m
+
+
+# ---- gating ----
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 4), st.integers(0, 10_000), st.booleans())
+def test_gating_topk_support_and_softmax_over_selected(N, n, k, seed, training):
+    args = _args("--top-k", str(k))
+    m = _moe(6, 0, n, args, seed)
+    torch.nn.init.normal_(m.W_g[0])
+    torch.nn.init.normal_(m.W_noise[0])
+    m.train(training)
+    x0 = torch.randn(N, 6)
+    g, p = m.gate(x0)
+    kk = min(k, n)
+    assert ((g > 0).sum(-1) == kk).all()                                  # exactly k experts per sample
+    assert torch.allclose(g.sum(-1), torch.ones(N))
+    assert torch.allclose(p.sum(-1), torch.ones(N))
+    if not training:                                                      # clean logits: the top-k of h
+        h = x0 @ m.W_g[0]
+        top, idx = h.topk(kk, -1)
+        assert torch.equal(torch.sort(idx, -1).values, torch.sort((g > 0).nonzero()[:, 1].view(N, kk), -1).values)
+        assert torch.allclose(g.gather(-1, idx), top.softmax(-1))         # softmax over the selected logits
+
+
+# ---- zero-output experts leave CLIP unchanged ----
+
+@pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
+def test_zero_output_experts_leave_clip_unchanged(tiny_clip, variant):
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tiny_clip.tokenize(["a red circle.", "a square on a striped background."])
+    ref_i, ref_t = tiny_clip.encode_image(images), tiny_clip.encode_text(tokens)
+    args = _args("--variant", variant, "--experts", "5")
+    moes = igsp.attach_moe(tiny_clip, args)
+    igsp.begin_task(moes, 0, args)
+    for m in moes.values():
+        torch.nn.init.normal_(m.W_g[0])                                   # any routing: experts output 0
+    for route in (None, 0):
+        igsp.set_route(moes, route)
+        assert torch.equal(tiny_clip.encode_image(images), ref_i)
+        assert torch.equal(tiny_clip.encode_text(tokens), ref_t)
+    assert "visual.0.mlp.c_fc" in tiny_clip.layers()                     # ClipView still sees the MLP
+
+
+# ---- pruning ----
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 4), st.integers(1, 5), st.floats(0.0, 2.0), st.integers(0, 10_000))
+def test_pruning_removes_exactly_the_experts_under_threshold(n_hist, M, tau, seed):
+    args = _args()
+    m = _moe(4, n_hist, M, args, seed)
+    torch.nn.init.normal_(m.W_g[0])
+    n = n_hist + M
+    g = torch.Generator().manual_seed(seed)
+    pi = torch.rand(n, generator=g).softmax(0)
+    sel = torch.randint(0, 3, (n,), generator=g)
+    before, W_before = list(m.experts), m.W_g[0].detach().clone()
+    kept = igsp.prune(m, pi, sel, tau)
+    want = [j for j in range(n) if j < n_hist or (pi[j] >= tau / n and sel[j] > 0)]
+    assert kept == len(want) - n_hist
+    assert [id(e) for e in m.experts] == [id(before[j]) for j in want]
+    assert torch.equal(m.W_g[0], W_before[:, want]) and m.W_noise[0].shape == (4, len(want))
+
+
+# ---- the Phase-1 regulariser ----
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 10_000))
+def test_regulariser_gradient_moves_routing_mass_off_candidates(n_hist, M, seed):
+    args = _args()
+    m = _moe(5, n_hist, M, args, seed)
+    torch.nn.init.normal_(m.W_g[0], std=0.5)
+    m.eval()
+    x = torch.randn(4, 3, 5)
+    moes = {"b": m}
+
+    def omega():
+        m.log = []
+        m(x)
+        return igsp.omega_sub(moes)
+
+    before = omega()
+    before.backward()
+    with torch.no_grad():
+        m.W_g[0] -= 1e-2 * m.W_g[0].grad                                  # one gradient step on Omega_sub
+        assert omega() < before
+
+
+# ---- real optimiser steps: frozen history and old-task outputs ----
+
+def _snapshot(moes, t):
+    return {name: ([p.detach().clone() for p in m.experts[:m.n_hist].parameters()],
+                   m.W_g[t].detach().clone(), m.W_noise[t].detach().clone()) for name, m in moes.items()}
+
+
+def _same(moes, snap, t):
+    return all(all(torch.equal(a, b) for a, b in zip(m.experts[:m.n_hist].parameters(), snap[n][0]))
+               and torch.equal(m.W_g[t], snap[n][1]) and torch.equal(m.W_noise[t], snap[n][2]) for n, m in moes.items())
+
+
+def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch):
+    args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0")
+    moes = igsp.attach_moe(tiny_clip, args)
+    selector = igsp.TaskSelector()
+    tasks = [_task("A", 1), _task("B", 2)]
+    common.seed_all(0)
+    info = igsp.train_task(tiny_clip, moes, tasks[0], 0, args, CPU)
+    igsp.after_task(tiny_clip, moes, selector, tasks[0], 0, info, args, CPU)
+    stored = torch.stack([tasks[0].test[i][0] for i in range(8)])        # earlier task's inputs
+    igsp.set_route(moes, 0)
+    ref = tiny_clip.encode_image(stored)
+    snap = _snapshot(moes, 0)
+    cand_before = [p.detach().clone() for m in moes.values() for p in m.experts.parameters()]
+    checked = []
+    real_prune = igsp.prune
+
+    def prune_after_phase1(m, *a):                                        # end of Phase 1: history untouched
+        checked.append(_same(moes, snap, 0))
+        return real_prune(m, *a)
+
+    monkeypatch.setattr(igsp, "prune", prune_after_phase1)
+    common.seed_all(1)
+    info = igsp.train_task(tiny_clip, moes, tasks[1], 1, args, CPU)
+    assert info["T1"] == 3 and info["trainable_phase2"] > 0               # both phases ran
+    assert checked and all(checked)
+    assert _same(moes, snap, 0)                                           # after Phase 2 too
+    igsp.set_route(moes, 0)
+    assert torch.equal(tiny_clip.encode_image(stored), ref)               # old task's outputs exact
+    cand = [e for m in moes.values() for e in m.experts[m.n_hist:]]
+    assert any(e.up.weight.abs().sum() > 0 for e in cand)                 # the new task did learn
+    assert len(cand_before) > 0
+
+
+def test_moe_adapters_freezes_most_used_experts(tiny_clip):
+    args = _args("--variant", "moe-adapters", "--experts", "4", "--iterations", "6")
+    moes = igsp.attach_moe(tiny_clip, args)
+    selector = igsp.TaskSelector()
+    tasks = [_task("A", 1), _task("B", 2)]
+    common.seed_all(0)
+    info = igsp.train_task(tiny_clip, moes, tasks[0], 0, args, CPU)
+    igsp.after_task(tiny_clip, moes, selector, tasks[0], 0, info, args, CPU)
+    frozen = {n: [j for j, e in enumerate(m.experts) if not e.up.weight.requires_grad] for n, m in moes.items()}
+    for n, js in frozen.items():
+        assert set(js) == set(info["usage"][n].topk(2).indices.tolist())
+    snap = {n: [p.detach().clone() for j in js for p in moes[n].experts[j].parameters()] for n, js in frozen.items()}
+    common.seed_all(1)
+    igsp.train_task(tiny_clip, moes, tasks[1], 1, args, CPU)
+    for n, js in frozen.items():
+        assert all(torch.equal(a, b) for a, b in zip([p for j in js for p in moes[n].experts[j].parameters()], snap[n]))
+
+
+# ---- parameter accounting on the real ViT-B/16 (random weights, no download) ----
+
+def test_parameter_accounting_vit_b16():
+    model = common.load_clip("ViT-B-16", "none", "cpu", progress_bar=False)
+    args = igsp.parse_args(["--no-progress"])                             # mtil defaults: r = 64, M = 4
+    assert args.bottleneck == 64 and args.candidates == 4
+    moes = igsp.attach_moe(model, args)
+    assert len(moes) == 24
+    igsp.begin_task(moes, 0, args)
+    per_expert = {"visual": 2 * 768 * 64 + 64 + 768, "text": 2 * 512 * 64 + 64 + 512}   # 99,136 / 66,112
+    assert per_expert == {"visual": 99_136, "text": 66_112}
+    phase1 = 4 * 12 * (99_136 + 66_112) + 2 * 12 * (768 + 512) * 4
+    assert common.trainable_params(model) == phase1 == 8_054_784
+    n = igsp.param_counts(moes, igsp.TaskSelector())
+    assert n["experts"] == 7_931_904 and n["routers"] == 122_880
+    for m in moes.values():                                               # the MoE-Adapters pool: 22 experts
+        igsp.add_experts(m, 18, args)
+        m.add_router(22)
+    n = igsp.param_counts(moes, igsp.TaskSelector())
+    assert n["experts"] == 22 * 12 * (99_136 + 66_112) == 26_171_904 + 17_453_568
+    assert n["routers"] - 122_880 == 675_840                               # one task's routers (igsp.md 1.7)
+
+
+# ---- task selector ----
+
+def test_selector_picks_task_on_separable_features_and_falls_back_on_unseen():
+    torch.manual_seed(0)
+    args = _args("--selector-hidden", "4", "--selector-steps", "400", "--selector-samples", "400")
+    e = 16
+    centres = torch.eye(e)[:4] * 3
+
+    def feats(c, n):
+        return torch.nn.functional.normalize(centres[c] + 0.3 * torch.randn(n, e), dim=-1)
+
+    sel = igsp.TaskSelector()
+    for c in range(3):
+        sel.fit(feats(c, 400), args)
+    for c in range(3):
+        assert (sel.select(feats(c, 200)) == c).float().mean() > 0.85
+    assert (sel.select(feats(3, 200)) == -1).float().mean() > 0.95        # unseen -> untouched CLIP
+    batch = sel.select(feats(1, 50), per_batch=True)
+    assert (batch == 1).all()                                              # DDAS-style per-batch decision
+
+
+# ---- command line: toy run, summary, resume ----
+
+@pytest.mark.skipif(not hasattr(data, "toy_tasks"), reason="toy benchmark not in data.py yet")
+def test_cli_toy_and_resume(toy_weights, tmp_path):
+    def cli(out, *extra):
+        r = subprocess.run([sys.executable, "igsp.py", "--benchmark", "toy", "--pretrained", str(toy_weights),
+                            "--iterations", "3", "--out", str(tmp_path / out), "--no-progress",
+                            "--selector-samples", "64", "--selector-steps", "10", *extra],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads((tmp_path / out / "summary.json").read_text())
+
+    s = cli("a", "--max-tasks", "2")
+    for k in ("method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average", "last",
+              "trainable_params", "seconds", "T1", "candidates_kept", "trainable_phase1", "trainable_phase2",
+              "total_params", "selector_acc_seen", "selector_fallback_unseen"):
+        assert k in s, k
+    assert s["method"] == "igsp" and len(s["acc_matrix"]) == 2 and len(s["T1"]) == 2
+    assert (tmp_path / "a" / "acc_matrix.csv").is_file() and (tmp_path / "a" / "acc_matrix.png").is_file()
+    cli("b", "--max-tasks", "1")
+    r = cli("b", "--max-tasks", "2", "--resume")
+    assert r["acc_matrix"] == s["acc_matrix"] and r["total_params"] == s["total_params"]
