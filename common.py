@@ -355,11 +355,11 @@ class ClipView(nn.Module):
 TOY_MODEL = "toy-tiny"
 TOY_MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
-    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # Pretraining recipe, chosen by measurement on 2 CPU cores (see README "toy benchmark").
-TOY_PRETRAIN = {"steps": 1500, "batch_size": 256, "lr": 2e-3, "warmup": 100, "weight_decay": 0.1}
+TOY_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
 
 
 def cache_dir() -> Path:
@@ -467,6 +467,15 @@ def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
     h = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = cache_dir() / f"toy-clip-{h}.pt"
     clip, ctx = _create(TOY_MODEL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
+        return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
+
+
+def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool):
+    import data
     if path.is_file():
         try:
             clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -757,29 +757,39 @@ _COMBOS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yello
            ("purple", "diamond"), ("orange", "ring"), ("red", "square"), ("blue", "circle"),
            ("green", "cross"), ("yellow", "triangle")]
 
+_SCENES = [(tone, tex) for tone in ("dark", "light") for tex in TOY_TEXTURES]  # 8 background kinds
+
 # task name -> (attribute, class names, templates; templates[0] is the training template)
 TOY_TASKS = {
-    "Shapes": ("shape", TOY_SHAPES, ["a {}.", "a drawing of a {}.", "a {} on a background."]),
     "Colours": ("colour", list(TOY_COLOURS), ["a {} object.", "something {}.", "a {} thing."]),
-    "Textures": ("texture", TOY_TEXTURES, ["a {} background.", "an object on a {} background."]),
-    "Positions": ("position", TOY_POSITIONS, ["an object in the {}.", "something in the {} corner."]),
-    "Sizes": ("size", TOY_SIZES, ["a {} object.", "a {} thing."]),
-    "Tones": ("tone", TOY_TONES, ["a {} picture.", "an object on a {} background."]),
     "Combos": ("combo", [f"{c} {s}" for c, s in _COMBOS], ["a {}.", "a drawing of a {}."]),
+    "Scenes": ("scene", [f"{t} {x}" for t, x in _SCENES], ["something on a {} background.", "a {} background."]),
+    "Sizes": ("extreme_size", ["small", "large"], ["a {} object.", "a {} thing."]),  # medium left out
+    "Textures": ("texture", TOY_TEXTURES, ["a {} background.", "an object on a {} background."]),
+    "Tones": ("tone", TOY_TONES, ["a {} picture.", "an object on a {} background."]),
 }
-TOY_ORDERS = {"I": ["Colours", "Combos", "Positions", "Shapes", "Sizes", "Textures", "Tones"],
-              "II": ["Tones", "Shapes", "Positions", "Combos", "Textures", "Colours", "Sizes"]}
+TOY_ORDERS = {"I": ["Colours", "Combos", "Scenes", "Sizes", "Textures", "Tones"],
+              "II": ["Tones", "Sizes", "Combos", "Textures", "Colours", "Scenes"]}
 
 
-def toy_attributes(n: int, g: torch.Generator, combos: bool = False) -> dict[str, torch.Tensor]:
-    """Sample n images' attributes (integer codes). combos=True restricts (colour, shape) to _COMBOS."""
+def toy_attributes(n: int, g: torch.Generator, kind: str = "") -> dict[str, torch.Tensor]:
+    """Sample n images' attributes (integer codes). kind "combo" restricts (colour, shape) to
+    _COMBOS, kind "scene" restricts (tone, texture) to _SCENES; each adds its class code."""
     a = {"shape": torch.randint(len(TOY_SHAPES), (n,), generator=g),
          "colour": torch.randint(len(TOY_COLOURS), (n,), generator=g),
          "texture": torch.randint(len(TOY_TEXTURES), (n,), generator=g),
          "position": torch.randint(len(TOY_POSITIONS), (n,), generator=g),
          "size": torch.randint(len(TOY_SIZES), (n,), generator=g),
          "tone": torch.randint(len(TOY_TONES), (n,), generator=g)}
-    if combos:
+    if kind == "extreme_size":
+        a["extreme_size"] = torch.randint(2, (n,), generator=g)
+        a["size"] = 2 * a["extreme_size"]                                     # small (0) or large (2)
+    if kind == "scene":
+        k = torch.randint(len(_SCENES), (n,), generator=g)
+        a["tone"] = torch.tensor([TOY_TONES.index(_SCENES[i][0]) for i in k])
+        a["texture"] = torch.tensor([TOY_TEXTURES.index(_SCENES[i][1]) for i in k])
+        a["scene"] = k
+    if kind == "combo":
         k = torch.randint(len(_COMBOS), (n,), generator=g)
         cols, shps = list(TOY_COLOURS), TOY_SHAPES
         a["colour"] = torch.tensor([cols.index(_COMBOS[i][0]) for i in k])
@@ -800,7 +810,7 @@ def toy_render(a: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
                         ((((ys + phase) % 5) < 2) & (((xs + phase) % 5) < 2)).float(),
                         ((((ys + phase) // 4) + ((xs + phase) // 4)) % 2)], 1)  # (n, 4, S, S)
     pat = pats[torch.arange(n), a["texture"]]                                  # (n, S, S)
-    bg = (tone + 0.14 * (pat - 0.5) * torch.where(tone > 0.5, -1.0, 1.0)).clamp(0, 1)
+    bg = (tone + 0.18 * (pat - 0.5) * torch.where(tone > 0.5, -1.0, 1.0)).clamp(0, 1)
     img = bg.unsqueeze(1).repeat(1, 3, 1, 1)                                   # (n, 3, S, S)
     # object: size -> radius, position -> quadrant centre + jitter
     lo, hi = torch.tensor(_SIZE_RADIUS).T
@@ -825,7 +835,7 @@ def toy_render(a: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
     return img.clamp(0, 1)
 
 
-_CAPTION_P = {"colour": 0.5, "shape": 0.7, "texture": 0.4, "position": 0.5, "size": 0.5, "tone": 0.3}
+_CAPTION_P = {"colour": 0.5, "shape": 0.7, "texture": 0.5, "position": 0.3, "size": 0.5, "tone": 0.4}
 
 
 def toy_caption(a: dict[str, int], rng: random.Random) -> str:
@@ -885,7 +895,7 @@ def toy_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 500) -
     splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
         g = torch.Generator().manual_seed(_task_seed(seed, name, split))
-        a = toy_attributes(n, g, combos=attr == "combo")
+        a = toy_attributes(n, g, kind=attr)
         splits[split] = ToyImages(toy_render(a, g), a[attr])
     return Task(name, list(classnames), list(templates), splits["train"], splits["test"])
 

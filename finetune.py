@@ -30,10 +30,11 @@ import common
 # ---------------------------------------------------------------------------------------------
 
 # Paper defaults (ZSCL scripts/finetune.sh). Per-task lr: 5e-5 for Aircraft and MNIST, else 1e-5.
-MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-5, "lr_per_task": {"Aircraft": 5e-5, "MNIST": 5e-5}}
+MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-5, "warmup": 100,
+                 "lr_per_task": {"Aircraft": 5e-5, "MNIST": 5e-5}}
 # CHOICE: toy defaults, chosen by measurement (README, "toy benchmark"): enough steps and lr for
 # every toy task to improve clearly over zero-shot within a CPU-minute budget.
-TOY_DEFAULTS = {"iterations": 150, "batch_size": 64, "lr": 1e-4, "lr_per_task": {}}
+TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 1e-3, "warmup": 10, "lr_per_task": {}}
 
 
 def parse_args(argv=None):
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method")
     g.add_argument("--mode", choices=["continual-ft", "zero-shot"], default="continual-ft")
     g.add_argument("--label-smoothing", type=float, default=0.2)
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (ZSCL: 100)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (ZSCL: 100; toy: 10)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     args = common.finalize_args(p.parse_args(argv), "finetune")
     return args
@@ -66,7 +67,8 @@ def train_task(model: common.ClipView, task, t: int, args, device) -> float:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
-    warmup = min(args.warmup, iterations // 2)
+    d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
+    warmup = min(d["warmup"] if args.warmup is None else args.warmup, iterations // 2)
     model.train()
     loss_sum = 0.0
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):

@@ -62,13 +62,13 @@ import common
 # no Order II lrs were released: each dataset keeps its Order-I lr, research/igsp.md section 4).
 _MTIL_NAMES = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST",
                "OxfordPet", "StanfordCars", "SUN397"]
-MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-3, "bottleneck": 64, "selector_hidden": 100,
+MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "bottleneck": 64, "selector_hidden": 100,
                  "lr_per_task": dict(zip(_MTIL_NAMES, [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]))}
 MTIL_FEW_SHOT = {"iterations": 500, "lr_per_task": dict(zip(_MTIL_NAMES, [8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2,
                                                                            1e-4, 1e-2, 1e-2, 1e-2]))}
 # CHOICE: toy defaults, chosen by measurement (notes/igsp.md): bottleneck 16 (the toy text width is
 # 64, so 64 would be full rank), a selector bottleneck of 16 (toy features are 64-d).
-TOY_DEFAULTS = {"iterations": 150, "batch_size": 64, "lr": 1e-3, "bottleneck": 16, "selector_hidden": 16,
+TOY_DEFAULTS = {"iterations": 150, "batch_size": 64, "lr": 1e-3, "warmup": 15, "bottleneck": 16, "selector_hidden": 16,
                 "lr_per_task": {}}
 
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method")
     g.add_argument("--variant", choices=["igsp", "moe-adapters"], default="igsp")
     g.add_argument("--label-smoothing", type=float, default=0.2)
-    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (MoE-Adapters: 100)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (MoE-Adapters: 100; toy 15)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--bottleneck", type=int, default=None, help="expert width r (MoE-Adapters: 64; toy 16)")
     g.add_argument("--adapter-scale", type=float, default=0.1, help="s in E(x) = s * up(down(x))")
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     g.add_argument("--selector-hidden", type=int, default=None, help="autoencoder width (DDAS: 100; toy 16)")
     g.add_argument("--selector-samples", type=int, default=2000, help="training images per task for the selector")
     g.add_argument("--selector-steps", type=int, default=300, help="autoencoder steps (DDAS: 300)")
-    g.add_argument("--selector-lr", type=float, default=1e-3)
+    g.add_argument("--selector-lr", type=float, default=1e-2, help="Adam lr (DDAS: 0.01)")
     g.add_argument("--selector-quantile", type=float, default=0.95,
                    help="OOD threshold = this quantile of a task's own held-out reconstruction error")
     g.add_argument("--select-per", choices=["sample", "batch"], default="sample",
@@ -109,6 +109,7 @@ def parse_args(argv=None):
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
     args = common.finalize_args(p.parse_args(argv), "igsp")
     d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
+    args.warmup = d["warmup"] if args.warmup is None else args.warmup
     args.bottleneck = args.bottleneck or d["bottleneck"]
     args.selector_hidden = args.selector_hidden or d["selector_hidden"]
     for name in ("bottleneck", "top_k", "experts", "candidates", "selector_hidden", "selector_samples"):

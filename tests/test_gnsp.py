@@ -53,8 +53,9 @@ def test_projector_properties(seed, n, d, decay, rho):
     assert abs(torch.trace(P).item() - (d - k)) < 1e-4                # rank d - k
     # the rule's guarantee: the stored inputs keep less than rho of their energy in the null space
     total = lam.sum()
-    assert torch.trace(P @ M) <= rho * total * (1 + 1e-6) + 1e-12
-    assert (X @ P).norm() ** 2 <= rho * (X.norm() ** 2) * (1 + 1e-6) + 1e-12
+    etol = 1e-6 * total   # P is float32
+    assert torch.trace(P @ M) < rho * total + etol
+    assert (X @ P).norm() ** 2 < rho * X.norm() ** 2 + etol
     # ... and k is the smallest such number (one fewer protected direction would break it)
     if k > 0:
         assert lam[k - 1:].sum() >= rho * total * (1 - 1e-9)
@@ -188,3 +189,162 @@ def test_after_task_statistics_and_accumulation(tiny_clip):
     G = stored_inputs(model, x)["visual.0.mlp.c_fc"]
     G = G.T @ G
     assert torch.allclose(M["visual.0.mlp.c_fc"], M2["visual.0.mlp.c_fc"] + G / G.norm(), atol=1e-5)
+
+
+def test_trainable_set(tiny_clip):
+    model, args = tiny_clip, toy_args()
+    assert gnsp.set_trainable(model, 0, args) is True
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "clip.logit_scale")
+    assert not model.logit_scale.requires_grad
+    assert gnsp.set_trainable(model, 1, args) is False
+    want = {id(lin.weight) for lin in gnsp.protected_layers(model).values()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == want
+    assert len(want) == 2 * len(model.blocks("visual")) + 1
+    assert gnsp.set_trainable(model, 0, toy_args("--first-task", "restricted")) is False
+    assert {id(p) for p in model.parameters() if p.requires_grad} == want
+
+
+# ---- the promise: protected layers' outputs on stored inputs of earlier tasks -----------------
+
+
+@pytest.fixture()
+def small_clip(monkeypatch):
+    """A random tiny CLIP with a fixed vision tower (2 blocks, width 96, 17 tokens per 32x32 image),
+    independent of the toy model's tuning: one image's inputs span fewer dimensions than d."""
+    vision = {"image_size": 32, "patch_size": 8, "width": 96, "layers": 2, "head_width": 32}
+    monkeypatch.setitem(common.TOY_MODEL_CFG, "vision_cfg", vision)
+    torch.manual_seed(0)
+    return common.load_clip(common.TOY_MODEL, "none", "cpu")
+
+
+def protect(model, n_images, rho):
+    """Task A's statistics (one batch, so M is proportional to X^T X per layer), its projectors,
+    and the stored inputs X of every protected layer."""
+    A, M = fake_task(n_images, 0), {}
+    gnsp.after_task(model, A, 0, toy_args(), CPU, M)
+    P, k = {}, {}
+    for n, m in M.items():
+        P[n], k[n] = gnsp.null_space_projector(m, rho)
+    return P, k, stored_inputs(model, A.train.x)
+
+
+def sgd_steps(model, P, steps=2, lr=0.1):
+    """Real SGD steps on task B's CE loss, the protected weights only, gradients projected."""
+    B = fake_task(8, 7, "B")
+    gnsp.set_trainable(model, 1, toy_args())
+    W = {n: lin.weight for n, lin in gnsp.protected_layers(model).items()}
+    opt = torch.optim.SGD(list(W.values()), lr=lr)
+    with torch.no_grad():
+        text = common.class_text_features(model, B.classnames, B.templates[0], CPU)
+    for _ in range(steps):
+        f = model.encode_image(B.train.x, normalize=True)
+        loss = F.cross_entropy(100 * f @ text.T, B.train.y)
+        opt.zero_grad()
+        loss.backward()
+        gnsp.project_gradients(W, P)
+        opt.step()
+
+
+def adamw_steps(model, P, mode):
+    """gnsp.train_task itself (AdamW, CE + CD + MAP on reference pairs) for task 2."""
+    args = toy_args("--iterations", "3", "--batch-size", "4", "--lr", "1e-3", "--project", mode)
+    g = torch.Generator().manual_seed(3)
+    ref = [(torch.randn(3, 32, 32, generator=g), c) for c in ["a red thing", "a blue thing", "a red thing"] * 2]
+    Z0 = gnsp.teacher_logits(model, ref, 4, args, CPU)
+    gnsp.train_task(model, fake_task(8, 7, "B"), 1, args, CPU, P, ref, Z0)
+
+
+def output_change(model, W0, X):
+    """name -> (||X dW^T||_F, dW) for every protected layer."""
+    out = {}
+    for n, lin in gnsp.protected_layers(model).items():
+        dW = lin.weight.detach() - W0[n]
+        out[n] = ((X[n] @ dW.T).norm().item(), dW)
+    return out
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adamw-update"])
+def test_exact_null_space_outputs_do_not_move(small_clip, optimiser):
+    """One stored image: the inputs span fewer dimensions than d, rho ~ 0 -> P = the exact
+    complement of their span; SGD on projected gradients (and AdamW with --project update)
+    leaves every protected layer's output on them unchanged (float32 round-off only). Without
+    the projection the relative change is ~0.1-1."""
+    model = small_clip
+    P, k, X = protect(model, 1, 1e-6)
+    for n in P:
+        assert k[n] == int(torch.linalg.matrix_rank(X[n].double())) < P[n].shape[0]
+    W0 = {n: lin.weight.detach().clone() for n, lin in gnsp.protected_layers(model).items()}
+    sgd_steps(model, P) if optimiser == "sgd" else adamw_steps(model, P, "update")
+    for n, (change, dW) in output_change(model, W0, X).items():
+        assert dW.norm() > 0
+        assert change <= 1e-5 * X[n].norm() * dW.norm(), n
+
+
+@pytest.mark.parametrize("optimiser", ["sgd", "adamw-update"])
+def test_rho_null_space_bound(small_clip, optimiser):
+    """Several stored images, rho = 0.15: the rule guarantees ||X P||_F^2 < rho ||X||_F^2 on the
+    stored inputs, and an update in the null space (dW = dW P) moves their outputs by at most
+    ||X dW^T||_F = ||X P dW^T||_F <= ||X P||_2 ||dW||_F. Unprojected steps exceed this bound by
+    1.3x (MLP) to 20x (visual.proj) on this model."""
+    model = small_clip
+    P, k, X = protect(model, 4, 0.15)
+    W0 = {n: lin.weight.detach().clone() for n, lin in gnsp.protected_layers(model).items()}
+    sgd_steps(model, P) if optimiser == "sgd" else adamw_steps(model, P, "update")
+    for n, (change, dW) in output_change(model, W0, X).items():
+        XP = X[n] @ P[n]
+        assert XP.norm() ** 2 < 0.15 * X[n].norm() ** 2 * (1 + 1e-4)
+        assert change <= torch.linalg.matrix_norm(XP, 2) * dW.norm() * (1 + 1e-4), n
+
+
+def test_adamw_on_projected_gradients_is_not_exact(small_clip):
+    """The official default (project the gradient, then AdamW) is NOT exact: Adam's per-coordinate
+    scaling moves the update out of the null space. Measured here so the limitation is visible:
+    in the exact null space of one image the relative change is ~1e-2 (vs ~1e-7 with --project
+    update and ~0.2 without projection)."""
+    model = small_clip
+    P, k, X = protect(model, 1, 1e-6)
+    W0 = {n: lin.weight.detach().clone() for n, lin in gnsp.protected_layers(model).items()}
+    adamw_steps(model, P, "gradient")
+    rel = [c / (X[n].norm() * dW.norm()) for n, (c, dW) in output_change(model, W0, X).items()]
+    assert 1e-4 < max(rel) < 0.5
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_missing_data_lists_datasets_and_imagenet(tmp_path):
+    root = tmp_path / "nothing"
+    r = run("--order", "I", "--data-root", root, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    for name in data.MTIL_DATASETS + ["ImageNet"]:
+        assert name in r.stderr
+    r = run("--order", "II", "--data-root", root, "--out", tmp_path / "o", "--ref-data", "none")
+    assert r.returncode == 2 and "ImageNet" not in r.stderr and "SUN397" in r.stderr
+
+
+def summary(path):
+    s = json.loads((Path(path) / "summary.json").read_text())
+    for key in ("seconds", "after_task_seconds"):
+        s.pop(key)
+    return s
+
+
+def test_toy_end_to_end_and_resume(tmp_path, toy_weights):
+    base = ["--benchmark", "toy", "--pretrained", toy_weights, "--iterations", "3", "--gram-batches", "4",
+            "--align-n", "200", "--ref-n", "128", "--no-progress"]
+    r = run(*base, "--max-tasks", "2", "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for key in ["method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average",
+                "last", "trainable_params", "seconds", "modality_gap", "i2t_r1", "t2i_r1", "alignment_zero_shot",
+                "protected_dims", "after_task_seconds"]:
+        assert key in s, key
+    assert s["method"] == "gnsp" and len(s["acc_matrix"]) == 2 == len(s["modality_gap"]) == len(s["i2t_r1"])
+    assert s["protected_dims"][0] == 0 < s["protected_dims"][1]
+    assert set(s["alignment_zero_shot"]) == {"modality_gap", "i2t_r1", "t2i_r1"}
+    assert "modality gap" in r.stdout and "Transfer" in r.stdout and "protected input directions" in r.stdout
+    # interrupted after task 1, resumed: the same matrix and alignment values
+    assert run(*base, "--max-tasks", "1", "--out", tmp_path / "b").returncode == 0
+    r = run(*base, "--max-tasks", "2", "--out", tmp_path / "b", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert summary(tmp_path / "a") == summary(tmp_path / "b")

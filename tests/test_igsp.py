@@ -221,7 +221,7 @@ def test_parameter_accounting_vit_b16():
 
 def test_selector_picks_task_on_separable_features_and_falls_back_on_unseen():
     torch.manual_seed(0)
-    args = _args("--selector-hidden", "4", "--selector-steps", "400", "--selector-samples", "400")
+    args = _args("--selector-hidden", "4", "--selector-steps", "100")
     e = 16
     centres = torch.eye(e)[:4] * 3
 
