@@ -79,7 +79,7 @@ def test_zero_shot_mode(tmp_path, toy_weights):
 
 
 def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path, toy_weights):
-    common_args = ["--benchmark", "toy", "--pretrained", str(toy_weights), "--iterations", "40",
+    common_args = ["--benchmark", "toy", "--pretrained", str(toy_weights), "--iterations", "15",
                    "--max-tasks", "3", "--no-progress"]
     a = run(*common_args, "--out", tmp_path / "a")
     assert a.returncode == 0, a.stderr
@@ -89,7 +89,7 @@ def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path, toy_weights
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.3)                      # now inside task 2
+    time.sleep(0.2)                      # now inside task 2
     p.send_signal(signal.SIGKILL)
     p.wait()
     done = json.loads((out / "summary.json").read_text())["acc_matrix"]
