@@ -741,7 +741,7 @@ IMAGENET_CLASSNAMES = [
 # "colours". The tiny CLIP is pretrained (common.load_clip, cached) on captions that mention each
 # attribute only part of the time, so zero-shot accuracy is above chance but not saturated.
 
-TOY_WORLD_VERSION = 1
+TOY_WORLD_VERSION = 1  # part of the tiny-CLIP cache key: bump when rendering or captions change
 TOY_SIZE = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),

@@ -39,6 +39,14 @@ Idea:   CLIP stays frozen. Every block gets a pool of small experts and, per tas
         the candidates the converged router still needs, and fine-tunes just those. At test time a
         selector picks the task router from the image, or CLIP itself for images of no seen task.
 
+Marked in the code (DEVIATION = against MoE-Adapters' code, CHOICE = where all sources are silent):
+  DEVIATION  task selector on CLIP features with per-task calibrated thresholds, decided per image
+             (DDAS: AlexNet features, one global threshold, a TinyImageNet reference AE, per batch:
+             `--select-per batch`); routers created per task instead of 11 pre-allocated ones.
+  CHOICE     toy defaults (lr, warm-up, bottleneck, selector width); choose_map counted per task;
+             Omega_orth averaged over blocks; fresh AdamW moments in Phase 2; gate noise stays on in
+             Phase 2; reported trainable = the larger phase + the task's selector autoencoder.
+
 Run:    python igsp.py --benchmark toy                           # CPU, minutes
         python igsp.py --benchmark toy --variant moe-adapters    # the baseline
         python igsp.py --order I --data-root ~/data              # MTIL, GPU
@@ -105,7 +113,7 @@ def parse_args(argv=None):
     g.add_argument("--selector-quantile", type=float, default=0.95,
                    help="OOD threshold = this quantile of a task's own held-out reconstruction error")
     g.add_argument("--select-per", choices=["sample", "batch"], default="sample",
-                   help="task choice per test image, or per test batch as MoE-Adapters' DDAS does")
+                   help="task choice per test image (DEVIATION), or per test batch as MoE-Adapters' DDAS does")
     g.add_argument("--oracle-eval", action="store_true",
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
     args = common.finalize_args(p.parse_args(argv), "igsp")
@@ -160,6 +168,7 @@ class MoEMLP(nn.Module):
         self.ln_2, self.c_fc, self.gelu, self.c_proj = ln_2, mlp.c_fc, mlp.gelu, mlp.c_proj
         self.d, self.k = mlp.c_fc.in_features, k
         self.experts = nn.ModuleList()
+        # DEVIATION: one router appended per task (MoE-Adapters pre-allocates 11); same function.
         self.W_g = nn.ParameterList()                               # one per task: (d, n_t), zeros
         self.W_noise = nn.ParameterList()                           # one per task: (d, n_t), zeros
         self.n_hist = 0                                             # experts[:n_hist] = frozen history H
@@ -264,7 +273,7 @@ def omega_sub(moes: dict[str, MoEMLP]) -> torch.Tensor:
 def omega_orth(moes: dict[str, MoEMLP]) -> torch.Tensor:
     """[abstract] "Orthogonal Subspace Fine-Tuning"; [ours] soft O-LoRA-style penalty, mean over
     blocks and encoders of sum_{j in C, h in H} ||W_down,j W_down,h^T||_F^2."""
-    terms = []
+    terms = []  # CHOICE: averaged over blocks like Omega_sub, so lambda_o does not grow with depth
     for m in moes.values():
         if 0 < m.n_hist < len(m.experts):
             Wh = torch.cat([e.down.weight for e in m.experts[:m.n_hist]])   # (|H| r, d)
@@ -383,7 +392,8 @@ def train_task(model: common.ClipView, moes: dict[str, MoEMLP], task, t: int, ar
             T1, phase = done, 2
             pi, sel = monitor.window(w)
             info["kept"] = sum(prune(m, pi[n], sel[n], args.prune_tau) for n, m in moes.items())
-            for m in moes.values():  # "fixes the structural basis" (gate noise stays on: training mode)
+            # "fixes the structural basis"; CHOICE: gate noise stays on (training mode, as in Phase 1)
+            for m in moes.values():
                 m.W_g[t].requires_grad_(args.phase2_router == "trained")
                 m.W_noise[t].requires_grad_(args.phase2_router == "trained")
             params = [p for p in model.parameters() if p.requires_grad]
@@ -416,6 +426,8 @@ def after_task(model, moes: dict[str, MoEMLP], selector: "TaskSelector", task, t
             m.experts.requires_grad_(False)
             m.n_hist = len(m.experts)
         else:
+            # CHOICE: usage counted over this task only (whether choose_map persists across the
+            # official per-task processes is not visible in the code).
             for j in info["usage"][name].topk(min(args.freeze_per_task, len(m.experts))).indices.tolist():
                 m.experts[j].requires_grad_(False)
     selector.fit(clip_features(model, moes, task.train, args, device), args)
@@ -579,7 +591,8 @@ def main(argv=None):
         row, sel = evaluate_all(model, moes, selector, tasks, t, args, device)
         n = param_counts(moes, selector)
         ae = sum(p.numel() for p in selector.aes[t].parameters())
-        trainable = max(info["trainable_phase1"], info.get("trainable_phase2", 0)) + ae  # research/igsp.md 2.3
+        # CHOICE: trainable = the larger phase + the task's selector autoencoder (research/igsp.md 2.3)
+        trainable = max(info["trainable_phase1"], info.get("trainable_phase2", 0)) + ae
         extra = {"trainable_phase1": info["trainable_phase1"], "total_params": n["total"],
                  "expert_params": n["experts"], "router_params": n["routers"], "selector_params": n["selector"],
                  "experts_per_block": round(sum(len(m.experts) for m in moes.values()) / len(moes), 2),
