@@ -564,8 +564,12 @@ class LoRALinear(nn.Module):
 @contextlib.contextmanager
 def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
     """Call fn(name, x) with the input x of every module in `modules` on each forward."""
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fn(n, inp[0].detach()))
-               for n, m in modules.items()]
+    def hook(name):
+        def h(mod, inp, out):
+            fn(name, inp[0].detach())  # returns None: the module's output is never replaced
+        return h
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
         yield
     finally:
