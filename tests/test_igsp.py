@@ -252,7 +252,7 @@ def test_cli_toy_and_resume(toy_weights, tmp_path):
 
     s = cli("a", "--max-tasks", "2")
     for k in ("method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average", "last",
-              "trainable_params", "seconds", "T1", "candidates_kept", "trainable_phase1", "trainable_phase2",
+              "trainable_params", "seconds", "trainable", "T1", "candidates_kept", "trainable_phase1", "trainable_phase2",
               "total_params", "selector_acc_seen", "selector_fallback_unseen"):
         assert k in s, k
     assert s["method"] == "igsp" and len(s["acc_matrix"]) == 2 and len(s["T1"]) == 2
