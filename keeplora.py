@@ -305,27 +305,24 @@ def feature_moments(lora: dict[str, KeepLoRALinear], forwards, stat: str) -> dic
     matrices X_b (d_in, N*L), so K = X X^T; 'covariance': K = sum_b X_b X_b^T (every token).
     q, k, v read the same LN_1 output: their statistics are gathered once, from q."""
     src = {n: n.replace("attn.k", "attn.q").replace("attn.v", "attn.q") for n in lora}
-    acc: dict[str, torch.Tensor] = {}
+    modules = {s: lora[s] for s in set(src.values())}
+    if stat == "covariance":                                                # K = sum_b X_b^T X_b (every token)
+        K = common.accumulate_grams(lambda fwd: fwd(), forwards, modules, dtype=LA)
+    else:
+        acc: dict[str, torch.Tensor] = {}
+        n = 0
 
-    def hook(name, x):                                                      # x: (N, L, d_in)
-        if stat == "sum":
+        def hook(name, x):                                                  # x: (N, L, d_in)
             acc[name] = acc[name] + x if name in acc else x.clone()
-        else:
-            X = x.reshape(-1, x.shape[-1]).to(LA)                           # (N*L, d_in)
-            acc[name] = acc[name] + X.T @ X if name in acc else X.T @ X     # (d_in, d_in)
 
-    n = 0
-    with common.input_hooks({s: lora[s] for s in set(src.values())}, hook):
-        for fwd in forwards:
-            fwd()
-            n += 1
-    K = {}
-    for s, a in acc.items():
-        if stat == "sum":
+        with common.input_hooks(modules, hook):
+            for fwd in forwards:
+                fwd()
+                n += 1
+        K = {}
+        for s, a in acc.items():
             X = (a / n).reshape(-1, a.shape[-1]).to(LA)                     # X^T: (N*L, d_in)
             K[s] = X.T @ X                                                  # (d_in, d_in)
-        else:
-            K[s] = a
     return {name: K[s] for name, s in src.items() if s in K}
 
 
