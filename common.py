@@ -462,16 +462,21 @@ def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
     """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
     keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
     import data
-    key = json.dumps({"cfg": TOY_MODEL_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed},
-                     sort_keys=True)
+    # "init": the initial weights are drawn from `seed` too (before 2026-11-22 session 2 they came
+    # from whatever state the caller's global RNG was in, so the cache depended on the script that
+    # filled it); the field keeps such old caches from being used.
+    key = json.dumps({"cfg": TOY_MODEL_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed,
+                      "init": "seeded"}, sort_keys=True)
     h = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = cache_dir() / f"toy-clip-{h}.pt"
-    clip, ctx = _create(TOY_MODEL)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
-        return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        clip, ctx = _create(TOY_MODEL)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
+            return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
 
 
 def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool):
@@ -493,7 +498,7 @@ def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, prog
 def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: dict, seed: int,
                          progress_bar: bool = True) -> None:
     """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU."""
-    seed_all(seed)
+    torch.manual_seed(seed)  # the CPU stream only: callers' python, numpy and CUDA streams stay as they were
     clip.train()
     opt = torch.optim.AdamW(clip.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     bar = progress(range(recipe["steps"]), progress_bar and sys.stderr.isatty(), desc="toy CLIP", leave=False)

@@ -209,3 +209,29 @@ def test_bad_numbers_are_user_errors(tmp_path):
     for bad in (["--iterations", "0"], ["--lr", "-1"], ["--batch-size", "-3"]):
         with pytest.raises(common.UserError):
             common.finalize_args(p.parse_args(bad), "x")
+
+
+def test_toy_pretraining_is_a_function_of_its_seed_only(tmp_path, monkeypatch):
+    """The cached toy CLIP must not depend on the caller's RNG state (it did before session 2:
+    the initial weights came from the global stream), and a run that pretrains must leave the
+    caller's RNG streams exactly as a run that finds the cache does."""
+    import random as pyrandom
+
+    import numpy as np
+    recipe = {"steps": 2, "batch_size": 8, "lr": 1e-3, "warmup": 1, "weight_decay": 0.1}
+
+    def load(caller_seed):
+        torch.manual_seed(caller_seed)
+        pyrandom.seed(caller_seed)
+        np.random.seed(caller_seed)
+        m = common.load_clip(common.TOY_MODEL, "toy", "cpu", toy_pretrain=recipe, progress_bar=False)
+        return m, (torch.random.get_rng_state(), pyrandom.random(), np.random.rand())
+
+    weights = []
+    for i, caller_seed in enumerate((1, 2)):
+        monkeypatch.setenv("CLCLIP_CACHE", str(tmp_path / f"cache{i}"))
+        m, fresh = load(caller_seed)          # pretrains
+        _, cached = load(caller_seed)         # reads the cache
+        assert torch.equal(fresh[0], cached[0]) and fresh[1:] == cached[1:]
+        weights.append({k: v.clone() for k, v in m.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
