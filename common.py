@@ -462,9 +462,8 @@ def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
     """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
     keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
     import data
-    # "init": the initial weights are drawn from `seed` too (before 2026-11-22 session 2 they came
-    # from whatever state the caller's global RNG was in, so the cache depended on the script that
-    # filled it); the field keeps such old caches from being used.
+    # "init": the initial weights are drawn from `seed` too; the field keeps caches built when they
+    # came from the caller's RNG state (so depended on the script that filled the cache) unused.
     key = json.dumps({"cfg": TOY_MODEL_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed,
                       "init": "seeded"}, sort_keys=True)
     h = hashlib.sha1(key.encode()).hexdigest()[:12]

@@ -67,7 +67,7 @@ MTIL_DEFAULTS = {
            "Flowers": (2e-5, 1000), "SUN397": (2e-5, 1000), "Aircraft": (5e-5, 1000), "Caltech101": (1e-5, 500),
            "DTD": (5e-5, 500), "EuroSAT": (1e-5, 500), "CIFAR100": (1e-5, 1000)},
 }
-# CHOICE: toy defaults, chosen by measurement (/work/notes/gnsp.md): finetune.py's toy budget
+# CHOICE: toy defaults, chosen by measurement (notes/gnsp.md): finetune.py's toy budget
 # (100 steps, batch 64, 10 warm-up steps); lr 3e-3 gave the best Average on Order I among
 # 3e-4, 1e-3, 3e-3, 1e-2 (78.8, 78.7, 79.5, 75.9).
 TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 3e-3, "warmup": 10}

@@ -81,10 +81,10 @@ MTIL_FEW_SHOT = {"iterations": 500, "lr_per_task": dict(zip(_MTIL_NAMES, [8e-3, 
 # batch 64, 10 warm-up); lr 3e-2 (MoE-Adapters, own router, Sizes -> Textures -> Scenes: 85 / 78 / 97
 # at 3e-2, 83 / 77 / 88 at 1e-1; zero-shot 69 / 72 / 87; 1e-3 and 1e-2 learn clearly less);
 # bottleneck 16 (the toy widths are 64: 64 would be full rank); selector bottleneck 16 (64-d features).
-# lambda_s 0.01, tau 0.5, lambda_o 0.001 on toy (session 2, Order I, --oracle-eval; notes/igsp.md): with
-# the brief's 0.1 / 1 / 0.1 the regulariser prunes every candidate in most tasks and Omega_orth
-# dominates the Phase-2 loss (session 1's tiny CLIP: oracle Average / Last 78.6 / 78.9 against MoE-Adapters' 81.0 / 82.9);
-# with these, 80.9 / 83.4. The MTIL defaults stay the brief's.
+# lambda_s 0.01, tau 0.5, lambda_o 0.001 on toy (Order I, --oracle-eval; notes/igsp.md): with the
+# brief's 0.1 / 1 / 0.1 the regulariser prunes every candidate in most tasks and Omega_orth
+# dominates the Phase-2 loss (oracle Average / Last 78.6 / 78.9 against MoE-Adapters' 81.0 / 82.9
+# on the first tiny CLIP; 80.9 / 83.4 with these). The MTIL defaults stay the brief's.
 TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 3e-2, "warmup": 10, "bottleneck": 16, "selector_hidden": 16,
                 "lambda_s": 0.01, "prune_tau": 0.5, "lambda_o": 1e-3, "lr_per_task": {}}
 

@@ -62,7 +62,7 @@ import common
 MTIL_DEFAULTS = {"batch_size": 64, "lr": 1e-3,
                  "epochs": {"I": [10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5],
                             "II": [5, 2, 5, 5, 5, 5, 10, 10, 10, 10, 10]}}
-# CHOICE: toy defaults, chosen by measurement (/work/notes/keeplora.md): finetune.py's toy budget
+# CHOICE: toy defaults, chosen by measurement (notes/keeplora.md): finetune.py's toy budget
 # of 100 steps; on toy Order I lr 3e-3 gave the best Average and Last (1e-3, the paper's, moves
 # almost nothing; 1e-2 and 3e-2 learn a little more but lose Transfer).
 TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 3e-3}
@@ -306,7 +306,7 @@ def feature_moments(lora: dict[str, KeepLoRALinear], forwards, stat: str) -> dic
     q, k, v read the same LN_1 output: their statistics are gathered once, from q."""
     src = {n: n.replace("attn.k", "attn.q").replace("attn.v", "attn.q") for n in lora}
     modules = {s: lora[s] for s in set(src.values())}
-    if stat == "covariance":                                                # K = sum_b X_b^T X_b (every token)
+    if stat == "covariance":                                                # K = sum_b X_b X_b^T (every token)
         K = common.accumulate_grams(lambda fwd: fwd(), forwards, modules, dtype=LA)
     else:
         acc: dict[str, torch.Tensor] = {}

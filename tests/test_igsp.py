@@ -260,3 +260,15 @@ def test_cli_toy_and_resume(toy_weights, tmp_path):
     cli("b", "--max-tasks", "1")
     r = cli("b", "--max-tasks", "2", "--resume")
     assert r["acc_matrix"] == s["acc_matrix"] and r["total_params"] == s["total_params"]
+
+
+def test_reconstruction_weights_default_per_benchmark_and_flags_win():
+    """lambda_s, tau and lambda_o: the brief's values on MTIL, the measured toy values on toy, and
+    an explicit flag over either."""
+    for bench, d in (("mtil", igsp.MTIL_DEFAULTS), ("toy", igsp.TOY_DEFAULTS)):
+        a = igsp.parse_args(["--benchmark", bench, "--no-progress"])
+        assert (a.lambda_s, a.prune_tau, a.lambda_o) == (d["lambda_s"], d["prune_tau"], d["lambda_o"])
+        a = igsp.parse_args(["--benchmark", bench, "--no-progress", "--lambda-s", "0", "--prune-tau", "2",
+                             "--lambda-o", "0.5"])
+        assert (a.lambda_s, a.prune_tau, a.lambda_o) == (0.0, 2.0, 0.5)
+    assert igsp.MTIL_DEFAULTS["lambda_s"] != igsp.TOY_DEFAULTS["lambda_s"]
