@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -104,16 +105,26 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--max-tasks", type=int, default=None,
                    help="stop after training this many tasks (every dataset is still evaluated)")
     g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast for evaluation on CUDA (auto = on for CUDA)")
+    g.add_argument("--amp", choices=["official", "off", "fp16", "bf16"], default="official",
+                   help="autocast of training and evaluation on CUDA (CPU runs stay fp32): official = the "
+                        "method's official code (fp32 for all but KeepLoRA's fp16); bf16 is a speed option")
+    g.add_argument("--eval-prompts", choices=["official", "ensemble"], default="official",
+                   help="zero-shot heads: official = the method's official code; ensemble = ZSCL's "
+                        "template ensemble for every dataset (one protocol shared by all scripts)")
+    g.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
+                   help="QuickGELU activation: auto = on for OpenAI weights (the openai tag, OpenAI's .pt, or "
+                        "a state-dict file for a model with an openai tag) and for tags trained with it")
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<benchmark>-order<o>-seed<s>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (auto-off when stderr is not a TTY)")
     return p
 
 
-def finalize_args(args: argparse.Namespace, method: str) -> argparse.Namespace:
-    """Fill benchmark-dependent defaults and validate numbers (one-line errors)."""
+def finalize_args(args: argparse.Namespace, method: str, amp: str = "off",
+                  eval_prompts: str = "ensemble") -> argparse.Namespace:
+    """Fill benchmark-dependent defaults and validate numbers (one-line errors). `amp` and
+    `eval_prompts` are the method's official settings: `--amp official` and `--eval-prompts
+    official` resolve to them, so config.json records what the run used."""
     if args.model is None:
         args.model = "ViT-B-16" if args.benchmark == "mtil" else TOY_MODEL
     if args.pretrained is None:
@@ -128,6 +139,10 @@ def finalize_args(args: argparse.Namespace, method: str) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('few_shot', 'workers') else '>= 1'}, got {v}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if args.amp == "official":
+        args.amp = amp
+    if args.eval_prompts == "official":
+        args.eval_prompts = eval_prompts
     args.progress = (not args.no_progress) and sys.stderr.isatty()
     return args
 
@@ -366,22 +381,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLCLIP_CACHE", Path.home() / ".cache" / "clip-cl"))
 
 
-@contextlib.contextmanager
-def _quiet_open_clip():
-    """open_clip logs a warning for every random-init model; our toy/none models are meant so."""
-    import logging
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+class _RandomInitFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" record: our toy and
+    `none` models are random on purpose. Every other warning (a QuickGELU mismatch among them)
+    still reaches the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def _create(name: str, **kw):
-    with _quiet_open_clip():
+    f = _RandomInitFilter()
+    logging.getLogger().addFilter(f)
+    try:
         return _create_model(name, **kw)
+    finally:
+        logging.getLogger().removeFilter(f)
 
 
 def _create_model(name: str, **kw):
@@ -402,22 +417,48 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def wants_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether `--quick-gelu auto` gives QuickGELU (x * sigmoid(1.702 x)), the activation OpenAI's
+    CLIP was trained with. open_clip 3.3.0 builds `ViT-B-16` with nn.GELU even for the `openai`
+    tag (it only warns "QuickGELU mismatch"), so every weight source is decided here:
+      a tag            -> the tag's own setting (True for `openai`, False for e.g. `laion2b_*`);
+      OpenAI's .pt     -> True (TorchScript archive: only OpenAI ships those);
+      a state-dict file-> True when open_clip knows an `openai` tag for the model: such a file of
+                          the papers' backbone is taken to hold OpenAI's weights (--quick-gelu off
+                          for other weights of that architecture);
+      none / toy       -> False (the model config's own activation)."""
+    if pretrained in (None, "none", "toy") or name == TOY_MODEL:
+        return False
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _is_torchscript(path) or bool(open_clip.get_pretrained_cfg(name, "openai"))
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    return bool(cfg and cfg.get("quick_gelu", False))
+
+
 def load_clip(name: str, pretrained: str | None, device: torch.device | str = "cpu",
-              toy_seed: int = 0, toy_pretrain: dict | None = None, progress_bar: bool = True) -> ClipView:
+              toy_seed: int = 0, toy_pretrain: dict | None = None, progress_bar: bool = True,
+              quick_gelu: bool | None = None) -> ClipView:
     """Build a CLIP as a `ClipView`, in fp32, in eval mode, on `device`.
 
     name       open_clip model name, or `toy-tiny` (the toy benchmark's model)
     pretrained an open_clip tag (e.g. `openai`), a local weights file (open_clip/state-dict
-               `.pt/.pth/.bin/.safetensors`, or OpenAI's original TorchScript `.pt`, which gets the
-               QuickGELU config it needs), `toy` (the cached toy pretraining), or `none`."""
+               `.pt/.pth/.bin/.safetensors`, or OpenAI's original TorchScript `.pt`), `toy` (the
+               cached toy pretraining), or `none`
+    quick_gelu force QuickGELU on / off; None = `wants_quick_gelu(name, pretrained)`."""
     device = torch.device(device)
     tokenizer_name = "ViT-B-32" if name == TOY_MODEL else name
+    if quick_gelu is None:
+        quick_gelu = wants_quick_gelu(name, pretrained)
+    if quick_gelu and name == TOY_MODEL:
+        raise UserError(f"{TOY_MODEL} uses GELU; --quick-gelu on is for OpenAI-style models")
+    qg = {"force_quick_gelu": True} if quick_gelu else {}
     if pretrained == "toy":
         if name != TOY_MODEL:
             raise UserError(f"--pretrained toy only exists for --model {TOY_MODEL}")
         clip, ctx = _toy_pretrained(toy_seed, toy_pretrain or TOY_PRETRAIN, progress_bar)
     elif pretrained in (None, "none"):
-        clip, ctx = _create(name)
+        clip, ctx = _create(name, **qg)
     else:
         path = Path(pretrained).expanduser()
         try:
@@ -427,25 +468,25 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
                     sd = torch.load(path, map_location="cpu", weights_only=True)
                     clip.load_state_dict(sd.get("state_dict", sd))
                 elif _is_torchscript(path):
-                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False, and
-                    # QuickGELU (open_clip applies it for the `openai` tag, not for a file).
-                    clip, ctx = _create(name, pretrained=str(path), force_quick_gelu=True, weights_only=False)
+                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False.
+                    clip, ctx = _create(name, pretrained=str(path), weights_only=False, **qg)
                 else:
-                    clip, ctx = _create(name, pretrained=str(path))
+                    clip, ctx = _create(name, pretrained=str(path), **qg)
             elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
                 raise UserError(f"weights file not found: {pretrained}")
             else:
-                clip, ctx = _create(name, pretrained=pretrained)
+                clip, ctx = _create(name, pretrained=pretrained, **qg)
         except UserError:
             raise
         except RuntimeError as e:
             msg = str(e)
-            if "Failed to download" in msg or "Unknown pretrained" in msg or "not found" in msg.lower():
+            if "Failed to download" in msg or "Unknown pretrained" in msg or "not found" in msg.lower() \
+                    or "not a known tag" in msg:
                 raise UserError(
                     f"could not load weights '{pretrained}' for {name} (offline, or an unknown tag); "
                     f"download them once and pass --pretrained FILE (e.g. OpenAI's ViT-B-16.pt from "
                     f"openaipublic.azureedge.net, or open_clip_pytorch_model.bin of "
-                    f"timm/vit_base_patch16_clip_224.openai)") from None
+                    f"timm/vit_base_patch16_clip_224.openai; both get QuickGELU)") from None
             raise UserError(f"could not load weights '{pretrained}' for {name}: {msg.splitlines()[0][:300]}") from None
         except (FileNotFoundError, OSError, ValueError) as e:
             raise UserError(f"could not load weights '{pretrained}' for {name}: {str(e).splitlines()[0][:300]}") from None
@@ -665,20 +706,40 @@ def zeroshot_head(model: ClipView, classnames: list[str], templates: list[str], 
     return F.normalize(feats, dim=-1).T                                     # (embed, C)
 
 
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast for `--amp fp16|bf16` on CUDA; a no-op for `off` and on the CPU (CPU runs are fp32)."""
+    if amp in AMP_DTYPES and device.type == "cuda":
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 training on CUDA (as torch.amp's recipe); disabled (a pass-through) otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
+
+
+def eval_templates(templates: list[str], d: int, t: int, rule: str) -> list[str]:
+    """The prompts of dataset d's zero-shot head in the accuracy row after task t (t = -1: the
+    zero-shot row). rule: `ensemble` every template (ZSCL mtil/src/models/evaluation.py);
+    `first` templates[0] only; `first-before` templates[0] for datasets trained before task t,
+    every template for task t and later ones (the rule of GNSP's evaluation.py, see gnsp.py)."""
+    if rule == "first" or (rule == "first-before" and d < t):
+        return templates[:1]
+    return list(templates)
 
 
 @torch.no_grad()
 def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int = 0,
-             amp: bool = False, progress_bar: bool = False) -> float:
-    """Top-1 accuracy (%) of `model` on task.test with the task's template-ensemble head."""
+             amp: str = "off", progress_bar: bool = False, templates: list[str] | None = None) -> float:
+    """Top-1 accuracy (%) of `model` on task.test with a zero-shot head of `templates` (default:
+    every template of the task)."""
     was_training = model.training
     model.eval()
     with torch.inference_mode(), autocast(device, amp):
-        W = zeroshot_head(model, task.classnames, task.templates, device)  # (embed, C)
+        W = zeroshot_head(model, task.classnames, templates or task.templates, device)  # (embed, C)
         correct = n = 0
         loader = make_loader(task.test, batch_size, shuffle=False, seed=0, workers=workers, device=device)
         for images, labels in progress(loader, progress_bar, desc=f"eval {task.name}", leave=False):
@@ -690,10 +751,11 @@ def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int 
     return 100.0 * correct / max(n, 1)
 
 
-def evaluate_all(model: ClipView, tasks: list, args, device) -> list[float]:
-    """One row of the accuracy matrix: accuracy on every task of the benchmark."""
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
-    return [evaluate(model, t, device, args.eval_batch_size, args.workers, amp, args.progress) for t in tasks]
+def evaluate_all(model: ClipView, tasks: list, args, device, t: int = -1) -> list[float]:
+    """One row of the accuracy matrix after task t (-1: zero-shot): accuracy on every task of the
+    benchmark, with the prompts of `--eval-prompts` (eval_templates) and the precision of `--amp`."""
+    return [evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp, args.progress,
+                     eval_templates(task.templates, d, t, args.eval_prompts)) for d, task in enumerate(tasks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,6 +785,12 @@ def mtil_metrics(acc) -> dict:
             "transfer_per_dataset": transfer_d, "average_per_dataset": avg_d, "last_per_dataset": last_d}
 
 
+def r1(x: float) -> str:
+    """One decimal as ZSCL's results.ipynb rounds (np.around, half to even on the binary value
+    times 10): 65.35 -> "65.4", where Python's format gives "65.3"."""
+    return f"{np.around(x, 1):.1f}"
+
+
 def format_table(names: list[str], acc, zero_shot: list[float] | None = None) -> str:
     A = np.asarray(acc, dtype=float)
     w = max(8, max(len(n) for n in names) + 1)
@@ -733,7 +801,7 @@ def format_table(names: list[str], acc, zero_shot: list[float] | None = None) ->
     for t, row in enumerate(A):
         lines.append(f"{'after ' + short[t]:<14}"[:14] + "".join(f"{v:>{w}.1f}" for v in row))
     m = mtil_metrics(A)
-    lines.append(f"Transfer {m['transfer']:.1f}   Average {m['average']:.1f}   Last {m['last']:.1f}")
+    lines.append(f"Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}")
     return "\n".join(lines)
 
 
@@ -810,7 +878,7 @@ class Run:
     # flags that may differ between a run and its resumption (they do not change the results,
     # or, for --max-tasks, only where the run stops)
     CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size",
-                           "amp", "max_tasks"}
+                           "max_tasks"}
 
     def __init__(self, method: str, args: argparse.Namespace, datasets: list[str]):
         self.method, self.args, self.datasets = method, args, datasets
@@ -899,7 +967,7 @@ class Run:
     def print_final(self) -> None:
         print(format_table(self.datasets, self.acc, self.zero_shot))
         z = mtil_metrics([self.zero_shot] * len(self.datasets))
-        print(f"(zero-shot: Transfer {z['transfer']:.1f}   Average {z['average']:.1f}   Last {z['last']:.1f})")
+        print(f"(zero-shot: Transfer {r1(z['transfer'])}   Average {r1(z['average'])}   Last {r1(z['last'])})")
         print(f"run folder: {self.out}")
 
 
@@ -918,19 +986,25 @@ def check_data(args) -> None:
             raise data.MissingDataError(missing)
 
 
-def load_tasks(args, model: ClipView) -> list:
-    """All the benchmark's tasks in training order (train split with the train transform, test
-    split with the eval transform), few-shot subsets applied when --few-shot K > 0. --max-tasks
-    limits training (`n_train_tasks`), not the columns of the matrix."""
+def load_tasks(args, model: ClipView, train_transform: str = "train", few_shot_once: bool = False) -> list:
+    """All the benchmark's tasks in training order, test splits with the eval transform, few-shot
+    subsets applied when --few-shot K > 0. --max-tasks limits training (`n_train_tasks`), not the
+    columns of the matrix. The methods' official codes differ in their training inputs:
+      train_transform  "train": ZSCL's RandomResizedCrop(scale 0.9-1) + flip-free CLIP
+                       preprocessing; "eval": the deterministic eval transform (KeepLoRA)
+      few_shot_once    the few-shot images are transformed once and kept (DAC, MoE-Adapters: they
+                       stack the transformed images into a TensorDataset), instead of on the fly."""
     import data
     if args.benchmark == "mtil":
         tr, ev = data.clip_transforms(model.image_size)
-        tasks = data.mtil_tasks(args.data_root, args.order, tr, ev)
+        tasks = data.mtil_tasks(args.data_root, args.order, ev if train_transform == "eval" else tr, ev)
     else:
         tasks = data.toy_tasks(args.order)
     if args.few_shot:
         for t in tasks:
             t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
+            if few_shot_once:
+                t.train = data.transformed_once(t.train, seed=args.seed)
     return tasks
 
 
@@ -939,4 +1013,8 @@ def n_train_tasks(args, tasks: list) -> int:
 
 
 def setup_model(args, device) -> ClipView:
-    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress)
+    """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it)."""
+    if args.quick_gelu == "auto":
+        args.quick_gelu = "on" if wants_quick_gelu(args.model, args.pretrained) else "off"
+    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
+                     quick_gelu=args.quick_gelu == "on")

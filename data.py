@@ -116,6 +116,20 @@ TEMPLATES = {
     "SUN397": ["a photo of a {}.", "a photo of the {}."],
 }
 
+# KeepLoRA's own template lists where they differ from ZSCL's (MaolinLuo/KeepLoRA@a17f9c2:
+# MTIL/MTIL_datasets/collections.py). KeepLoRA trains and evaluates with templates[0] only, so the
+# order matters: for DTD and SUN397 it is another sentence than ZSCL's templates[0], and for
+# StanfordCars the first sentence itself differs ("the" for "a"). The other eight lists are ZSCL's.
+KEEPLORA_TEMPLATES = {
+    "DTD": ["a photo of a {} thing.", "a photo of a {} texture.", "a photo of a {} pattern.",
+            "a photo of a {} object.", "a photo of the {} thing.", "a photo of the {} texture.",
+            "a photo of the {} pattern.", "a photo of the {} object."],
+    "StanfordCars": ["a photo of the {}, a type of car.", "a photo of a {}.", "a photo of the {}.",
+                     "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
+                     "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
+    "SUN397": ["a photo of the {}.", "a photo of a {}."],
+}
+
 # ZSCL's hard-coded names, in the order of torchvision's sorted class folders (sic: the double
 # space in "head of a  crocodile" is ZSCL's, kept so zero-shot numbers stay comparable).
 CALTECH101_CLASSNAMES = [
@@ -394,6 +408,17 @@ def few_shot_subset(ds, k: int, seed: int = 42) -> Subset:
             seen[targets[i]] += 1
             keep.append(i)
     return Subset(ds, keep)
+
+
+def transformed_once(ds, seed: int = 42) -> torch.utils.data.TensorDataset:
+    """Every item of `ds` read once (its random transform drawn once, from `seed`) and kept in
+    memory, as DAC's and MoE-Adapters' few-shot code stacks the transformed images into a
+    TensorDataset. For small (few-shot) sets only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([x for x, _ in items])                             # (N, C, H, W)
+    return torch.utils.data.TensorDataset(images, torch.tensor([int(y) for _, y in items]))
 
 
 # ---- GNSP: ImageNet reference images with captions ----

@@ -44,8 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--label-smoothing", type=float, default=0.2)
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (ZSCL: 100; toy: 10)")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    args = common.finalize_args(p.parse_args(argv), "finetune")
-    return args
+    # ZSCL: fp32 training and evaluation, template ensemble for every dataset
+    return common.finalize_args(p.parse_args(argv), "finetune", amp="off", eval_prompts="ensemble")
 
 
 def task_hparams(args, name: str) -> tuple[int, int, float]:
@@ -69,20 +69,23 @@ def train_task(model: common.ClipView, task, t: int, args, device) -> float:
                                                 workers=args.workers, device=device))
     d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
     warmup = min(d["warmup"] if args.warmup is None else args.warmup, iterations // 2)
+    scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = 0.0
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
         common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
-        img = model.encode_image(images, normalize=True)            # (N, e)
-        logits = model.logit_scale.exp() * img @ text.T              # (N, C)
-        loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+        with common.autocast(device, args.amp):
+            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+            img = model.encode_image(images, normalize=True)        # (N, e)
+            logits = model.logit_scale.exp() * img @ text.T          # (N, C)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
         common.check_finite(loss, task.name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         loss_sum += loss.item()
     model.eval()
     return loss_sum / max(iterations, 1)
@@ -115,7 +118,7 @@ def main(argv=None):
         t0 = time.time()
         loss = train_task(model, tasks[t], t, args, device) if args.mode == "continual-ft" else float("nan")
         after_task(model, tasks[t], args, device)
-        row = common.evaluate_all(model, tasks, args, device)
+        row = common.evaluate_all(model, tasks, args, device, t)
         trainable = common.trainable_params(model) if args.mode == "continual-ft" else 0
         run.finish_task(t, row, {"model": model.state_dict()}, trainable)
         print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {time.time() - t0:.0f}s | "

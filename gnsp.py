@@ -32,9 +32,12 @@ Note: with AdamW, projecting the gradient (the code's default) does not keep the
 null space, because Adam rescales every coordinate; `--project update` projects AdamW's update
 and keeps it there (tests/test_gnsp.py measures both).
 
+Evaluation as the code (src/models/evaluation.py:evaluate, is_zero_shot): after task t the
+zero-shot head of every dataset trained before t uses templates[0] only, task t and the later
+datasets the full template ensemble; the zero-shot row uses the ensemble. fp32 throughout.
+`--eval-prompts ensemble` gives ZSCL's ensemble everywhere (the protocol finetune.py uses).
+
 Deviations from the official code (each marked `# DEVIATION:` where it happens):
-  * evaluation ensembles all templates for every dataset (ZSCL, common.evaluate_all); the code
-    uses templates[0] for datasets already trained (R 4.1)
   * Gram eigendecomposition with eigh in float64 (code: fp32 torch.svd of the same matrix)
   * teacher reference logits pre-computed once per task (code: a teacher forward every step)
   * reference images from a sorted file list, CLIP's ImageNet class names (marked in data.py)
@@ -96,7 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--align-n", type=int, default=1000, help="held-out pairs for modality gap / retrieval")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: code 100; toy 10)")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    args = common.finalize_args(p.parse_args(argv), "gnsp")
+    # the code: fp32; templates[0] for datasets trained before the current task (common.eval_templates)
+    args = common.finalize_args(p.parse_args(argv), "gnsp", amp="off", eval_prompts="first-before")
     if not 0 < args.rho <= 1:
         raise common.UserError(f"--rho must be in (0, 1], got {args.rho}")
     if not args.temperature > 0:
@@ -299,6 +303,7 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
     if not text_trains:   # CHOICE: frozen text tower -> class features once (identical values, faster)
         with torch.no_grad():
             text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+    scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = 0.0
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
@@ -309,32 +314,35 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
         if ref is not None:   # CHOICE: task and reference images in one forward pass (same result)
             ref_images, captions = next(ref_batches)
             images = torch.cat([images, ref_images.to(device, non_blocking=True)])  # (n + R, 3, H, W)
-        if text_trains:
-            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
-        feats = model.encode_image(images, normalize=True)          # (n [+ R], e)
-        s = model.logit_scale.exp()                                  # frozen: 100 for OpenAI CLIP
-        # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (R 3.5) ----
-        loss = F.cross_entropy(s * feats[:n] @ text.T, labels, label_smoothing=args.label_smoothing)  # (n, C)
-        if ref is not None:
-            v = model.encode_texts(list(captions), device)           # (R, e) current text tower
-            Z = s * feats[n:] @ v.T                                  # (R, R) image->text logits
-            loss = loss + args.distill_weight * contrastive_distillation(Z0[step % len(Z0)], Z, args.temperature)
-            loss = loss + args.map_weight * modality_alignment_preservation(
-                Z, same_caption(list(captions), device), args.label_smoothing)
+        with common.autocast(device, args.amp):                     # off by default (the code: fp32)
+            if text_trains:
+                text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+            feats = model.encode_image(images, normalize=True).float()  # (n [+ R], e)
+            s = model.logit_scale.exp()                              # frozen: 100 for OpenAI CLIP
+            # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (R 3.5) ----
+            loss = F.cross_entropy(s * feats[:n] @ text.float().T, labels, label_smoothing=args.label_smoothing)
+            if ref is not None:
+                v = model.encode_texts(list(captions), device).float()  # (R, e) current text tower
+                Z = s * feats[n:] @ v.T                              # (R, R) image->text logits
+                loss = loss + args.distill_weight * contrastive_distillation(Z0[step % len(Z0)], Z, args.temperature)
+                loss = loss + args.map_weight * modality_alignment_preservation(
+                    Z, same_caption(list(captions), device), args.label_smoothing)
         common.check_finite(loss, task.name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)                                         # true gradients before projecting (fp16)
         # ---- PAPER: null-space projection (R 2.4) ----
         if P is not None and args.project == "gradient":
             project_gradients(W, P)                                  # g <- g P, then AdamW
         if P is not None and args.project == "update":
             W_old = {name: w.detach().clone() for name, w in W.items()}
-            opt.step()
+            scaler.step(opt)
             with torch.no_grad():                                    # W <- W_old + (W - W_old) P
                 for name, w in W.items():
                     w.copy_(W_old[name] + (w - W_old[name]) @ P[name])  # (d_out, d_in) @ (d_in, d_in)
         else:
-            opt.step()
+            scaler.step(opt)
+        scaler.update()
         # ---- PLUMBING ----
         loss_sum += loss.item()
     model.eval()
@@ -414,7 +422,7 @@ def main(argv=None):
         if t < len(tasks) - 1:   # nothing to protect after the benchmark's last task
             after_task(model, tasks[t], t, args, device, M)
         t_after = time.time() - t1
-        row = common.evaluate_all(model, tasks, args, device)  # DEVIATION: all templates everywhere (R 4.1)
+        row = common.evaluate_all(model, tasks, args, device, t)
         extra = {"protected_dims": sum(k.values()), "after_task_seconds": round(t_after, 2)}
         if held is not None:
             extra.update(alignment_metrics(model, held, args, device))

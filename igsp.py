@@ -42,7 +42,11 @@ Idea:   CLIP stays frozen. Every block gets a pool of small experts and, per tas
 Marked in the code (DEVIATION = against MoE-Adapters' code, CHOICE = where all sources are silent):
   DEVIATION  task selector on CLIP features with per-task calibrated thresholds, decided per image
              (DDAS: AlexNet features, one global threshold, a TinyImageNet reference AE, per batch:
-             `--select-per batch`); routers created per task instead of 11 pre-allocated ones.
+             `--select-per batch`); routers created per task instead of 11 pre-allocated ones
+             (the reported trainable count of `--variant moe-adapters` adds them back, as the code
+             counts them); few-shot subsets follow the code's rule (the first K images per class of
+             a shuffled pass, transformed once and kept) with another draw (the code's pass depends
+             on its torch RNG state).
   CHOICE     toy defaults (lr, warm-up, bottleneck, selector width); choose_map counted per task;
              Omega_orth averaged over blocks; fresh AdamW moments in Phase 2; gate noise stays on in
              Phase 2; reported trainable = the larger phase + the task's selector autoencoder;
@@ -127,7 +131,8 @@ def parse_args(argv=None):
                    help="task choice per test image (DEVIATION), or per test batch as MoE-Adapters' DDAS does")
     g.add_argument("--oracle-eval", action="store_true",
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
-    args = common.finalize_args(p.parse_args(argv), "igsp")
+    # MoE-Adapters (models/evaluation.py): fp32, template ensemble for every dataset
+    args = common.finalize_args(p.parse_args(argv), "igsp", amp="off", eval_prompts="ensemble")
     d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
     args.bottleneck = args.bottleneck or d["bottleneck"]
@@ -384,6 +389,7 @@ def train_task(model: common.ClipView, moes: dict[str, MoEMLP], task, t: int, ar
     info = {"trainable_phase1": common.trainable_params(model)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
     phase, T1, loss_sum, done = 1, iterations, 0.0, 0
+    scaler = common.grad_scaler(device, args.amp)
     model.train()
     for m in moes.values():
         m.log = []
@@ -391,15 +397,17 @@ def train_task(model: common.ClipView, moes: dict[str, MoEMLP], task, t: int, ar
         common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = _loss(model, task, images, labels, args, device)
-        if is_igsp and phase == 1:
-            loss = loss + args.lambda_s * omega_sub(moes)           # Phase 1: L1 = CE + lambda_s Omega_sub [ours]
-        elif is_igsp:
-            loss = loss + args.lambda_o * omega_orth(moes)          # Phase 2: L2 = CE + lambda_o Omega_orth [ours]
+        with common.autocast(device, args.amp):                     # off by default (MoE-Adapters: fp32)
+            loss = _loss(model, task, images, labels, args, device)
+            if is_igsp and phase == 1:
+                loss = loss + args.lambda_s * omega_sub(moes)       # Phase 1: L1 = CE + lambda_s Omega_sub [ours]
+            elif is_igsp:
+                loss = loss + args.lambda_o * omega_orth(moes)      # Phase 2: L2 = CE + lambda_o Omega_orth [ours]
         common.check_finite(loss, task.name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         loss_sum += loss.item()
         monitor.record()
         done = step + 1
@@ -535,13 +543,13 @@ def evaluate_all(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: 
     task router (or CLIP), that router's image feature and that router's text head for the
     dataset's classes. Also, per dataset, the selector's accuracy (%): a seen dataset d <= t
     should get router d, an unseen one the untouched CLIP. `oracle`: use exactly that choice."""
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     model.eval()
     row, sel_row = [], []
-    with torch.inference_mode(), common.autocast(device, amp):
+    with torch.inference_mode(), common.autocast(device, args.amp):
         for d, task in enumerate(tasks):
             target = d if d <= t else -1
             heads, correct, hit, n = {}, 0, 0, 0
+            prompts = common.eval_templates(task.templates, d, t, args.eval_prompts)
             for images, labels in common.make_loader(task.test, args.eval_batch_size, shuffle=False, seed=0,
                                                      workers=args.workers, device=device):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -554,7 +562,7 @@ def evaluate_all(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: 
                     rows = (choice == s).nonzero().squeeze(1)
                     set_route(moes, None if s < 0 else s)
                     if s not in heads:
-                        heads[s] = common.zeroshot_head(model, task.classnames, task.templates, device)  # (e, C)
+                        heads[s] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
                     f = f0[rows] if s < 0 else model.encode_image(images[rows], normalize=True)
                     pred[rows] = (f @ heads[s].to(f.dtype)).argmax(-1)
                 correct += (pred == labels).sum().item()
@@ -580,6 +588,14 @@ def param_counts(moes: dict[str, MoEMLP], selector: TaskSelector) -> dict:
     return {"experts": experts, "routers": routers, "selector": sel, "total": experts + routers + sel}
 
 
+def moe_adapters_trainable(trained: int, moes: dict[str, MoEMLP], t: int, n_tasks: int) -> int:
+    """MoE-Adapters' own count of trainable parameters (mtil/src/models/finetune.py, the printed
+    requires_grad sum): its blocks pre-allocate one router and noise matrix per task of the
+    benchmark (clip/model.py, `range(11)`), all trainable in every task; ours exist one per task.
+    So the routers of the other n_tasks - 1 tasks are added to what task t trained."""
+    return trained + (n_tasks - 1) * sum(m.W_g[t].numel() + m.W_noise[t].numel() for m in moes.values())
+
+
 def _mean(v: list[float]):
     return round(sum(v) / len(v), 2) if v else None
 
@@ -589,7 +605,7 @@ def main(argv=None):
     device = common.pick_device(args.device)
     common.check_data(args)
     model = common.setup_model(args, device)
-    tasks = common.load_tasks(args, model)
+    tasks = common.load_tasks(args, model, few_shot_once=True)    # MoE-Adapters: few-shot images transformed once
     names = [t.name for t in tasks]
     run = common.Run(args.variant, args, names)
     moes = attach_moe(model, args)                                  # route None: exactly CLIP
@@ -610,8 +626,11 @@ def main(argv=None):
         row, sel = evaluate_all(model, moes, selector, tasks, t, args, device)
         n = param_counts(moes, selector)
         ae = sum(p.numel() for p in selector.aes[t].parameters())
-        # CHOICE: trainable = the larger phase + the task's selector autoencoder (research/igsp.md 2.3)
-        trainable = max(info["trainable_phase1"], info.get("trainable_phase2", 0)) + ae
+        if args.variant == "igsp":
+            # CHOICE: trainable = the larger phase + the task's selector autoencoder
+            trainable = max(info["trainable_phase1"], info.get("trainable_phase2", 0)) + ae
+        else:
+            trainable = moe_adapters_trainable(info["trainable_phase1"], moes, t, len(tasks))
         extra = {"trainable": trainable, "trainable_phase1": info["trainable_phase1"], "total_params": n["total"],
                  "expert_params": n["experts"], "router_params": n["routers"], "selector_params": n["selector"],
                  "experts_per_block": round(sum(len(m.experts) for m in moes.values()) / len(moes), 2),

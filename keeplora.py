@@ -28,8 +28,14 @@ Idea:   Every adapted weight W (attention q, k, v, out of both encoders) keeps a
         space (right singular vectors of the PyTorch weight). `code` (default) reproduces the
         published CLIP numbers, `paper` is the paper's definition.
 
-DEVIATIONS (marked in the code): training in fp32 (the code uses fp16 autocast + GradScaler;
-        common.py autocasts only evaluation); --iterations per task instead of epochs on MTIL
+Protocol as the code (MTIL/trainer/trainer.py, configs `prec: amp`): fp16 autocast for the
+        gradient estimate, training (with GradScaler), the feature pass and evaluation (`--amp
+        fp16`; on the CPU everything runs in fp32); no augmentation: training, the gradient
+        estimate and the feature pass read the deterministic eval transform; one prompt,
+        templates[0] of KeepLoRA's own template lists (data.KEEPLORA_TEMPLATES: DTD, StanfordCars
+        and SUN397 start with another sentence than ZSCL's), for the loss and for every zero-shot
+        head (`--eval-prompts first`; `--eval-prompts ensemble --template-list zscl` is ZSCL's).
+DEVIATIONS (marked in the code): --iterations per task instead of epochs on MTIL
         (computed from the config's epochs, same step count); the text feature pass sees
         positions up to the longest class prompt, not all 77 (common's tokenizer cuts the
         context; the later positions are padding); M' is re-orthonormalised after each update.
@@ -52,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import data
 
 # ---------------------------------------------------------------------------------------------
 # ---- PLUMBING: arguments (common flags first, then the method's) ----
@@ -91,12 +98,15 @@ def parse_args(argv=None):
                         "default 0.2 (keeplora++), 1 = off (keeplora)")
     g.add_argument("--scale-text", action="store_true", help="apply the layer scale to the text encoder too")
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--template-list", choices=["keeplora", "zscl"], default="keeplora",
+                   help="MTIL prompt templates: KeepLoRA's own lists (the code) or ZSCL's")
     g.add_argument("--grad-batches", type=int, default=None,
                    help="cap on batches of the gradient estimate (default: all, as the code)")
     g.add_argument("--feature-batches", type=int, default=None,
                    help="cap on batches of the feature pass (default: all, as the code)")
     args = p.parse_args(argv)
-    args = common.finalize_args(args, args.variant)
+    # the code: fp16 autocast (prec "amp") and templates[0] for every dataset
+    args = common.finalize_args(args, args.variant, amp="fp16", eval_prompts="first")
     if args.b_init is None:
         args.b_init = "zero" if args.variant == "keeplora++" else "svd"
     if args.gamma is None:
@@ -279,7 +289,8 @@ def full_loader(task, batch_size: int, seed: int, args, device):
                               workers=args.workers, drop_last=True, device=device)
 
 
-def estimate_gradient(model, lora: dict[str, KeepLoRALinear], batches, task, device) -> dict[str, torch.Tensor]:
+def estimate_gradient(model, lora: dict[str, KeepLoRALinear], batches, task, device,
+                      amp: str = "off") -> dict[str, torch.Tensor]:
     """Sec. 2.2 (trainer.estimate_gradient): G = mean over batches of dL/dW at the merged weights,
     LoRA off. Returns name -> G in paper orientation (d_in, d_out)."""
     Ws = [m.base.weight for m in lora.values()]
@@ -288,7 +299,9 @@ def estimate_gradient(model, lora: dict[str, KeepLoRALinear], batches, task, dev
         W.requires_grad_(True)
     n = 0
     for images, labels in batches:
-        task_loss(model, images, labels, task, device).backward()          # sums dL_b/dW into W.grad
+        with common.autocast(device, amp):                                  # the code: fp16 autocast, no scaler
+            loss = task_loss(model, images, labels, task, device)
+        loss.backward()                                                     # sums dL_b/dW into W.grad
         n += 1
     G = {name: W.grad.T / max(n, 1) for name, W in zip(lora, Ws)}          # (d_out, d_in) -> (d_in, d_out)
     for m, W in zip(lora.values(), Ws):
@@ -337,7 +350,7 @@ def init_task(model, lora, M, task, t: int, args, device) -> dict:
     t0 = time.time()
     loader = full_loader(task, batch_size, args.seed * 1000 + t + 500, args, device)
     batches = (b for i, b in enumerate(loader) if args.grad_batches is None or i < args.grad_batches)
-    G = estimate_gradient(model, lora, batches, task, device)
+    G = estimate_gradient(model, lora, batches, task, device, args.amp)
     t1 = time.time()
     kept = []
     with torch.no_grad():
@@ -362,16 +375,19 @@ def train_task(model: common.ClipView, lora, M, task, t: int, args, device) -> t
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations)  # code: defaults
     batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
+    scaler = common.grad_scaler(device, args.amp)                           # the code: GradScaler with fp16
     model.train()
     loss_sum = 0.0
     t0 = time.time()
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
         images, labels = next(batches)
-        loss = task_loss(model, images, labels, task, device)
+        with common.autocast(device, args.amp):
+            loss = task_loss(model, images, labels, task, device)
         common.check_finite(loss, task.name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         loss_sum += loss.item()
     model.eval()
@@ -395,10 +411,11 @@ def after_task(model, lora, M, task, t: int, args, device) -> dict:
     txt = {n: m for n, m in lora.items() if n.startswith("text.")}
     vis_forwards = (lambda b=b: model.encode_image(b[0].to(device, non_blocking=True))
                     for i, b in enumerate(loader) if args.feature_batches is None or i < args.feature_batches)
-    K = feature_moments(vis, vis_forwards, args.feature_stat)               # vision: the training split
-    # DEVIATION: text positions stop at the longest prompt (common's tokenizer), not all 77.
-    K.update(feature_moments(txt, [lambda: model.encode_texts(
-        [task.templates[0].format(c) for c in task.classnames], device)], args.feature_stat))  # text: class prompts
+    with common.autocast(device, args.amp):                                 # the code: fp16 autocast
+        K = feature_moments(vis, vis_forwards, args.feature_stat)           # vision: the training split
+        # DEVIATION: text positions stop at the longest prompt (common's tokenizer), not all 77.
+        K.update(feature_moments(txt, [lambda: model.encode_texts(
+            [task.templates[0].format(c) for c in task.classnames], device)], args.feature_stat))  # class prompts
     for name in lora:
         M[name] = gpm_extend(M[name], K[name], args.eps_f)                  # M' <- [M', U_hat_k]
     frac = {tw: sum(M[n].shape[1] / M[n].shape[0] for n in M if n.startswith(tw))
@@ -418,7 +435,10 @@ def main(argv=None):
     common.check_data(args)
     model = common.setup_model(args, device)
     lora = add_keeplora(model, args)
-    tasks = common.load_tasks(args, model)
+    tasks = common.load_tasks(args, model, train_transform="eval")         # the code: no augmentation
+    if args.benchmark == "mtil" and args.template_list == "keeplora":
+        for task in tasks:
+            task.templates = list(data.KEEPLORA_TEMPLATES.get(task.name, task.templates))
     names = [t.name for t in tasks]
     run = common.Run(args.variant, args, names)
     if run.state is not None:                                               # merged weights and M' after the last task
@@ -437,7 +457,7 @@ def main(argv=None):
         t0 = time.time()
         loss, info = train_task(model, lora, M, tasks[t], t, args, device)
         info.update(after_task(model, lora, M, tasks[t], t, args, device))
-        row = common.evaluate_all(model, tasks, args, device)
+        row = common.evaluate_all(model, tasks, args, device, t)
         state = {"W": {n: m.base.weight.detach().cpu() for n, m in lora.items()},
                  "M": {n: M[n].cpu() for n in lora}}
         run.finish_task(t, row, state, common.trainable_params(model), extra=info)

@@ -28,8 +28,9 @@ Run:    python rank1_pool.py --benchmark toy                     # CPU, minutes
 
 DEVIATIONS from the official code (each marked `# DEVIATION:` below):
   * exactly --iterations steps per task (the code's loop runs iterations + 1 = 501);
-  * few-shot images are augmented on the fly by the train transform (the code crops once when
-    sampling and caches); the subset is data.few_shot_subset (same rule, another draw);
+  * the few-shot subset is data.few_shot_subset: the code's rule (the first K images of each class
+    met in a shuffled pass of the training set, transformed once and kept), another draw (the
+    code's pass depends on its torch RNG state after building the model);
   * token 0 is read from the batch-first (N, L, d) input (the code guesses N from L in {197, 77});
   * routers of the fixed variant have requires_grad=False (the code marks them trainable, they
     never get a gradient: same updates); `trainable_params` counts A and B, the extra
@@ -90,10 +91,12 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (alora.py)")
     g.add_argument("--eta-min", type=float, default=1e-6, help="cosine schedule floor (alora.py)")
     g.add_argument("--template", choices=["random", "first"], default="random",
-                   help="training prompt: one random template per task (the code) or templates[0]")
+                   help="training prompt: one template drawn per task as the code draws it "
+                        "(python random seeded with --seed, one randint) or templates[0]")
     g.add_argument("--eval-before-merge", action="store_true",
                    help="also evaluate the current task with the routed pool before merging (extra)")
-    args = common.finalize_args(p.parse_args(argv), "rank1_pool")
+    # the code (evaluation.py): fp32, template ensemble for every dataset
+    args = common.finalize_args(p.parse_args(argv), "rank1_pool", amp="off", eval_prompts="ensemble")
     if args.few_shot is None:
         args.few_shot = (MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS)["few_shot"]
     if not 1 <= args.top_k <= args.rank or not 1 <= args.merge_k <= args.rank:
@@ -226,6 +229,13 @@ def ago_loss(pools: dict[str, RankOnePool], P: dict[str, torch.Tensor], n_critic
 # ---------------------------------------------------------------------------------------------
 
 
+def training_template_index(templates: list[str], args) -> int:
+    """The code (datasets/collections.py `template`, read once in alora.py): every task runs in a
+    new process that seeds python's `random` with --seed (utils.seed_all) and then draws
+    random.randint(0, len(templates) - 1) once, before anything else uses `random`."""
+    return random.Random(args.seed).randint(0, len(templates) - 1) if args.template == "random" else 0
+
+
 def multi_positive_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss with soft targets G_nm = 1[y_n = y_m] / #{m: y_m = y_n}.
     logits: (N, N) text x image."""
@@ -243,8 +253,8 @@ def train_task(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[st
     batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, drop_last=len(task.train) >= batch_size,
                                                 device=device))
-    template = (task.templates[random.Random(args.seed * 1000 + t).randrange(len(task.templates))]
-                if args.template == "random" else task.templates[0])          # one prompt per task (alora.py)
+    template = task.templates[training_template_index(task.templates, args)]  # one prompt per task (alora.py)
+    scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = ago_sum = 0.0
     # DEVIATION: `iterations` steps (the code's loop runs iterations + 1).
@@ -253,18 +263,20 @@ def train_task(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[st
         common.set_lr(opt, args.eta_min + (lr - args.eta_min) * (1 + math.cos(math.pi * step / iterations)) / 2)
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        txt = model.encode_texts([template.format(task.classnames[y]) for y in labels.tolist()], device)  # (N, e)
-        img = model.encode_image(images, normalize=True)                     # (N, e)
-        logits = model.logit_scale.exp() * txt @ img.T                       # (N, N) frozen logit scale
-        loss = multi_positive_clip_loss(logits, labels)                      # L_clip
-        if P and args.ago != "off":                                          # from the second task on
-            l_ago = ago_loss(pools, P, args.merge_k, args.ago)              # CHOICE: |C_t| = --merge-k (code: 4, 4)
-            loss = loss + args.ago_lambda * l_ago                            # L = L_clip + lambda L_AGO
-            ago_sum += l_ago.item()
+        with common.autocast(device, args.amp):                             # off by default (the code: fp32)
+            txt = model.encode_texts([template.format(task.classnames[y]) for y in labels.tolist()], device)  # (N, e)
+            img = model.encode_image(images, normalize=True)                 # (N, e)
+            logits = model.logit_scale.exp() * txt.float() @ img.float().T   # (N, N) frozen logit scale
+            loss = multi_positive_clip_loss(logits, labels)                  # L_clip
+            if P and args.ago != "off":                                      # from the second task on
+                l_ago = ago_loss(pools, P, args.merge_k, args.ago)          # CHOICE: |C_t| = --merge-k (code: 4, 4)
+                loss = loss + args.ago_lambda * l_ago                        # L = L_clip + lambda L_AGO
+                ago_sum += l_ago.item()
         common.check_finite(loss, task.name, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         loss_sum += loss.item()
     model.eval()
     return loss_sum / max(iterations, 1), ago_sum / max(iterations, 1)
@@ -309,8 +321,7 @@ def main(argv=None):
     device = common.pick_device(args.device)
     common.check_data(args)
     model = common.setup_model(args, device)
-    # DEVIATION: few-shot images are augmented on the fly (the code crops once and caches them)
-    tasks = common.load_tasks(args, model)
+    tasks = common.load_tasks(args, model, few_shot_once=True)   # the code: few-shot images transformed once
     names = [t.name for t in tasks]
     run = common.Run("rank1_pool", args, names)
     experts: list[dict] = [] if run.state is None else run.state["experts"]
@@ -329,11 +340,11 @@ def main(argv=None):
         extra["ago_loss"] = l_ago
         if args.eval_before_merge:
             extra["acc_before_merge"] = common.evaluate(model, tasks[t], device, args.eval_batch_size, args.workers,
-                                                        args.amp == "on" or (args.amp == "auto" and device.type == "cuda"))
+                                                        args.amp)
         t1 = time.time()
         experts.append(after_task(model, pools, args))
         extra["merge_seconds"] = round(time.time() - t1, 3)
-        row = common.evaluate_all(model, tasks, args, device)
+        row = common.evaluate_all(model, tasks, args, device, t)
         run.finish_task(t, row, {"experts": experts}, trainable, extra)
         print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  ago {l_ago:.3g}  {time.time() - t0:.0f}s | "
               + "  ".join(f"{a:.1f}" for a in row), flush=True)
