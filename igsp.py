@@ -605,7 +605,9 @@ def main(argv=None):
     device = common.pick_device(args.device)
     common.check_data(args)
     model = common.setup_model(args, device)
-    tasks = common.load_tasks(args, model, few_shot_once=True)    # MoE-Adapters: few-shot images transformed once
+    # MoE-Adapters: few-shot images transformed once and kept. DEVIATION: the subset is the code's
+    # rule (first K per class of a shuffled pass) drawn from --seed, not from the code's RNG state.
+    tasks = common.load_tasks(args, model, few_shot_once=True)
     names = [t.name for t in tasks]
     run = common.Run(args.variant, args, names)
     moes = attach_moe(model, args)                                  # route None: exactly CLIP

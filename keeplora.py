@@ -34,7 +34,8 @@ Protocol as the code (MTIL/trainer/trainer.py, configs `prec: amp`): fp16 autoca
         estimate and the feature pass read the deterministic eval transform; one prompt,
         templates[0] of KeepLoRA's own template lists (data.KEEPLORA_TEMPLATES: DTD, StanfordCars
         and SUN397 start with another sentence than ZSCL's), for the loss and for every zero-shot
-        head (`--eval-prompts first`; `--eval-prompts ensemble --template-list zscl` is ZSCL's).
+        head (the official `--eval-prompts` resolves to `first`; `--eval-prompts ensemble
+        --template-list zscl` is ZSCL's protocol).
 DEVIATIONS (marked in the code): --iterations per task instead of epochs on MTIL
         (computed from the config's epochs, same step count); the text feature pass sees
         positions up to the longest class prompt, not all 77 (common's tokenizer cuts the

@@ -321,7 +321,9 @@ def main(argv=None):
     device = common.pick_device(args.device)
     common.check_data(args)
     model = common.setup_model(args, device)
-    tasks = common.load_tasks(args, model, few_shot_once=True)   # the code: few-shot images transformed once
+    # the code: few-shot images transformed once and kept. DEVIATION: the subset is the code's rule
+    # (first K per class of a shuffled pass) drawn from --seed, not from the code's torch RNG state.
+    tasks = common.load_tasks(args, model, few_shot_once=True)
     names = [t.name for t in tasks]
     run = common.Run("rank1_pool", args, names)
     experts: list[dict] = [] if run.state is None else run.state["experts"]

@@ -44,3 +44,14 @@ def tiny_clip():
     import common
     torch.manual_seed(0)
     return common.load_clip(common.TOY_MODEL, "none", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end script runs on the toy benchmark and real-size "
+                                       "(ViT-B/16) architecture checks; `-m 'not slow'` runs the fast unit tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:   # every test that runs a script end to end needs the pretrained toy CLIP
+        if "toy_weights" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -46,6 +46,7 @@ def load_recording_warnings(*args, **kw):
     return view, [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 def test_openai_tag_gives_quickgelu_in_every_block_without_mismatch(vit_b16_file, monkeypatch):
     """`--pretrained openai` goes through open_clip's tag path (its download replaced by a local file):
     all 24 blocks of both towers must run QuickGELU and open_clip must not warn of a mismatch."""
@@ -61,6 +62,7 @@ def test_openai_tag_gives_quickgelu_in_every_block_without_mismatch(vit_b16_file
     assert torch.allclose(blk.mlp.gelu(x), x * torch.sigmoid(1.702 * x))   # the function, not only the name
 
 
+@pytest.mark.slow
 def test_other_sources_keep_or_get_the_right_activation(vit_b16_file, monkeypatch):
     import open_clip.factory
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(vit_b16_file))
@@ -319,6 +321,19 @@ def test_autocast_only_on_cuda_and_only_when_asked():
     assert not common.grad_scaler(cpu, "fp16").is_enabled()
     with pytest.raises(SystemExit):
         finetune.parse_args(["--amp", "on"])
+
+
+@pytest.mark.slow
+def test_moe_adapters_trainable_count_is_the_codes():
+    """MoE-Adapters counts 22 experts per block and encoder plus its 11 pre-allocated routers and
+    noise matrices (all requires_grad) on ViT-B/16: 43,625,472 + 11 * 675,840 at the first task."""
+    model = common.load_clip("ViT-B-16", "none", "cpu", progress_bar=False)
+    args = igsp.parse_args(["--variant", "moe-adapters", "--no-progress"])
+    moes = igsp.attach_moe(model, args)
+    igsp.begin_task(moes, 0, args)
+    trained = common.trainable_params(model)
+    assert trained == 43_625_472 + 675_840                                  # experts + this task's router
+    assert igsp.moe_adapters_trainable(trained, moes, 0, 11) == 43_625_472 + 11 * 675_840 == 51_059_712
 
 
 # ---- numbers as ZSCL prints them -----------------------------------------------------------------------
