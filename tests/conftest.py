@@ -7,6 +7,8 @@ from pathlib import Path
 # tiny-model steps many times slower. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from types import SimpleNamespace  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -37,6 +39,28 @@ def toy_weights(cache_env, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("toyw") / "toy_fast.pt"
     shutil.copy(cached, path)
     return path
+
+
+@pytest.fixture()
+def adamw_spy(monkeypatch):
+    """Replace torch.optim.AdamW by a subclass that records, at every step(), each group's lr and
+    the gradients of the parameters in `rec.watch` (ids), then steps as AdamW."""
+    rec = SimpleNamespace(lrs=[], grads=[], watch=set(), opts=[])
+    Real = torch.optim.AdamW
+
+    class Spy(Real):
+        def __init__(self, params, *a, **kw):
+            super().__init__(params, *a, **kw)
+            rec.opts.append(self)
+
+        def step(self, closure=None):
+            rec.lrs.append([g["lr"] for g in self.param_groups])
+            rec.grads.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+                              if id(p) in rec.watch and p.grad is not None})
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    return rec
 
 
 @pytest.fixture()

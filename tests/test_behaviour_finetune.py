@@ -5,7 +5,6 @@ logit_scale-scaled cosine logits against templates[0] prompts), the gradient Ada
 learning rate of every step, and which parameters move (both towers, never logit_scale)."""
 import itertools
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 import common
 import data
+from fakes import Images
 import finetune
 
 CPU = torch.device("cpu")
@@ -21,18 +21,6 @@ MTIL = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n, seed, classes=3):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(classes, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def fake_task(n=6, seed=0, name="A"):
@@ -53,28 +41,6 @@ def clip(tiny_clip):
     with torch.no_grad():
         tiny_clip.logit_scale.fill_(math.log(100))
     return tiny_clip
-
-
-@pytest.fixture()
-def adamw_spy(monkeypatch):
-    """Replace torch.optim.AdamW by a subclass that records, at every step(), each group's lr and
-    the gradients of the parameters in `rec.watch` (ids), then steps as AdamW."""
-    rec = SimpleNamespace(lrs=[], grads=[], watch=set(), opts=[])
-    Real = torch.optim.AdamW
-
-    class Spy(Real):
-        def __init__(self, params, *a, **kw):
-            super().__init__(params, *a, **kw)
-            rec.opts.append(self)
-
-        def step(self, closure=None):
-            rec.lrs.append([g["lr"] for g in self.param_groups])
-            rec.grads.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
-                              if id(p) in rec.watch and p.grad is not None})
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Spy)
-    return rec
 
 
 def step_loss(model, task, x, y, eps=0.2):

@@ -5,7 +5,6 @@ the statistics option `--accumulation sum`, and how main() wires statistics, pro
 teacher together. The method's defaults are checked against the official configs."""
 import itertools
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 import common
 import data
+from fakes import Images
 import gnsp
 
 CPU = torch.device("cpu")
@@ -22,18 +22,6 @@ CAPTIONS = ["a red thing", "a blue thing", "a red thing", "a green thing"]   # w
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n, seed, classes=3):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(classes, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def fake_task(n=6, seed=0, name="A"):
@@ -90,28 +78,6 @@ def task_batches(task, args, t, batch_size):
 
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
-@pytest.fixture()
-def adamw_spy(monkeypatch):
-    """Replace torch.optim.AdamW by a subclass that records, at every step(), each group's lr and
-    the gradients of the parameters in `rec.watch` (ids), then steps as AdamW."""
-    rec = SimpleNamespace(lrs=[], grads=[], watch=set(), opts=[])
-    Real = torch.optim.AdamW
-
-    class Spy(Real):
-        def __init__(self, params, *a, **kw):
-            super().__init__(params, *a, **kw)
-            rec.opts.append(self)
-
-        def step(self, closure=None):
-            rec.lrs.append([g["lr"] for g in self.param_groups])
-            rec.grads.append({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]
-                              if id(p) in rec.watch and p.grad is not None})
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Spy)
-    return rec
 
 
 # ---- independent formulas ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import common
 import data
+from fakes import Images
 import gnsp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,18 +123,6 @@ def test_modality_alignment_preservation():
 
 
 # ---- the statistics ---------------------------------------------------------------------------
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n, seed, classes=3):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, 3, 32, 32, generator=g), torch.randint(classes, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def fake_task(n, seed, name="A"):
