@@ -5,8 +5,8 @@ Paper:  Peng, Liu, Yang, Hong, Tian, "GNSP: Gradient Null Space Projection for P
         Cross-Modal Alignment in VLMs Continual Learning", arXiv 2507.19839 (2025).
 Code:   Ppp-Ttt/GNSP @ 55746ce (run_mtil.py, configs/mtil_order_{I,II}.json,
         src/models/finetune_gnsp.py, get_data_matrix.py, helpers.py). Only the paper's abstract
-        could be read, so every default below is the official code's (section numbers "R x.y"
-        refer to /work/shared/research/gnsp.md, which records that code).
+        could be read, so every default below is the official code's; file names in the comments
+        (finetune_gnsp.py, get_data_matrix.py, helpers.py, run_mtil.py, configs/) are in that commit.
 
 Idea:   Task 1 fine-tunes CLIP fully. After each task, one pass over its training images records
         the uncentered Gram matrix of the inputs of the 25 image-encoder weights that are trained
@@ -61,7 +61,7 @@ import data
 # ---- PLUMBING: arguments (common flags first, then the method's) ----
 # ---------------------------------------------------------------------------------------------
 
-# GNSP configs/mtil_order_{I,II}.json (R 1.4): (lr, iterations) per task; batch 64 for all.
+# GNSP configs/mtil_order_{I,II}.json : (lr, iterations) per task; batch 64 for all.
 MTIL_DEFAULTS = {
     "I": {"Aircraft": (1e-5, 100), "Caltech101": (2e-5, 500), "CIFAR100": (1e-5, 1000), "DTD": (5e-5, 500),
           "EuroSAT": (2e-5, 500), "Flowers": (2e-5, 1000), "Food": (5e-5, 1000), "MNIST": (1e-5, 500),
@@ -116,7 +116,7 @@ def task_hparams(args, name: str) -> tuple[int, int, float, int]:
     if args.benchmark == "mtil":
         lr, iterations = MTIL_DEFAULTS[args.order][name]
         iterations, batch_size = args.iterations or iterations, args.batch_size or 64
-        warmup = 100 if args.warmup is None else args.warmup   # code: 100 even for a 100-step task (R 6.9)
+        warmup = 100 if args.warmup is None else args.warmup   # code: 100 even for a 100-step task (run_mtil.py)
     else:
         lr, iterations = TOY_DEFAULTS["lr"], args.iterations or TOY_DEFAULTS["iterations"]
         batch_size = args.batch_size or TOY_DEFAULTS["batch_size"]
@@ -125,7 +125,7 @@ def task_hparams(args, name: str) -> tuple[int, int, float, int]:
 
 
 def ref_batch_size(args, name: str) -> int:
-    """Reference pairs per step: the task batch size, as the code (R 3.3)."""
+    """Reference pairs per step: the task batch size, as the code (finetune_gnsp.py)."""
     return args.ref_batch_size or task_hparams(args, name)[1]
 
 
@@ -141,7 +141,7 @@ def check_data(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: the protected layers and the null-space projector (R 1.2, R 2) ----
+# ---- PAPER: the protected layers and the null-space projector (finetune_gnsp.py, get_data_matrix.py) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -152,7 +152,7 @@ def protected_layers(model: common.ClipView) -> dict:
 
 
 def set_trainable(model: common.ClipView, t: int, args) -> bool:
-    """R 1.2: task 1 trains everything but logit_scale; later tasks only the protected weights
+    """finetune_gnsp.py: task 1 trains everything but logit_scale; later tasks only the protected weights
     (no biases, LayerNorms, attention or text tower). Returns whether the text tower trains."""
     model.requires_grad_(False)
     if t == 0 and args.first_task == "full":
@@ -166,10 +166,10 @@ def set_trainable(model: common.ClipView, t: int, args) -> bool:
 
 def null_space_projector(M: torch.Tensor, rho: float) -> tuple[torch.Tensor, int]:
     """P = U0 U0^T onto the eigen-directions of M (symmetric PSD, (d, d)) that hold less than rho
-    of its trace (code: find_k_binary, R 2.3). k = the smallest number of top directions whose
+    of its trace (code: finetune_gnsp.py find_k_binary). k = the smallest number of top directions whose
     tail sum_{j >= k} lambda_j / sum_j lambda_j < rho (strict); these k are protected, P U_k = 0.
     Returns (P: (d, d) float32 on M's device, k). M = 0 protects nothing (P = I)."""
-    # DEVIATION: eigh in float64 (code: fp32 torch.svd of the same symmetric matrix, R 6.3).
+    # DEVIATION: eigh in float64 (code: fp32 torch.svd of the same symmetric matrix).
     lam, U = torch.linalg.eigh(M.double())                         # ascending; (d,), (d, d)
     lam, U = lam.flip(0).clamp(min=0), U.flip(1)                   # lambda_1 >= ... >= lambda_d
     tail = torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])  # tail[j] = sum_{i>=j} lambda_i, (d+1,)
@@ -180,7 +180,7 @@ def null_space_projector(M: torch.Tensor, rho: float) -> tuple[torch.Tensor, int
 
 @torch.no_grad()
 def project_gradients(W: dict, P: dict) -> None:
-    """g <- g P for every protected weight (R 2.4). W: (d_out, d_in), P: (d_in, d_in): the update
+    """g <- g P for every protected weight (finetune_gnsp.py). W: (d_out, d_in), P: (d_in, d_in): the update
     then lies in the null space of the stored inputs x (rows of X), so (W + dW) x = W x on them.
     (open_clip's visual.proj is used as x @ proj and the code projects P g; our nn.Linear holds
     proj^T, so it is the same g P as for the MLP weights.)"""
@@ -190,7 +190,7 @@ def project_gradients(W: dict, P: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: contrastive distillation and modality alignment preservation (R 3.2 - 3.4) ----
+# ---- PAPER: contrastive distillation and modality alignment preservation (helpers.py, finetune_gnsp.py) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -204,7 +204,7 @@ def contrastive_distillation(Z0: torch.Tensor, Z: torch.Tensor, T: float) -> tor
 
 
 def same_caption(captions: list[str], device) -> torch.Tensor:
-    """Y_ij = 1[c_i = c_j] / #{k: c_k = c_i}: pairs with the same caption are all positives (R 3.4)."""
+    """Y_ij = 1[c_i = c_j] / #{k: c_k = c_i}: pairs with the same caption are all positives (finetune_gnsp.py)."""
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     y = torch.tensor([ids[c] for c in captions], device=device)   # (R,)
     same = (y[:, None] == y[None, :]).float()                      # (R, R)
@@ -236,7 +236,7 @@ def reference_data(args, tasks: list, model: common.ClipView):
             print("note: no ImageNet train images: modality gap / retrieval are not reported", flush=True)
             return None, None
         return None, data.imagenet_reference(args.data_root, args.align_n, seed_held, ev)
-    # R 3.3: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
+    # finetune_gnsp.py: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
     # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42).
     refs = [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
             for t in tasks]
@@ -251,7 +251,7 @@ def reference_data(args, tasks: list, model: common.ClipView):
 
 @torch.no_grad()
 def teacher_logits(model: common.ClipView, ref, batch_size: int, args, device) -> list[torch.Tensor]:
-    """Z0 = s * u0 v0^T of the original CLIP on each (fixed, unshuffled) reference batch (R 3.2).
+    """Z0 = s * u0 v0^T of the original CLIP on each (fixed, unshuffled) reference batch (finetune_gnsp.py).
     DEVIATION: computed once (deterministic eval transform), the code re-runs the teacher every step."""
     model.eval()
     Z0 = []
@@ -264,7 +264,7 @@ def teacher_logits(model: common.ClipView, ref, batch_size: int, args, device) -
 
 @torch.no_grad()
 def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
-    """The paper's alignment claims, made measurable on held-out image-caption pairs (R 4.2).
+    """The paper's alignment claims, made measurable on held-out image-caption pairs.
     CHOICE: modality gap = ||mean_i u_i - mean_i v_i||_2 over the pairs (Liang et al. 2022),
     normalised features; image->text Recall@1 over the distinct captions; text->image Recall@1
     per distinct caption (a hit = the top image has that caption)."""
@@ -291,13 +291,13 @@ def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
 def train_task(model: common.ClipView, task, t: int, args, device, P: dict | None = None,
                ref=None, Z0: list | None = None) -> float:
     iterations, batch_size, lr, warmup = task_hparams(args, task.name)
-    text_trains = set_trainable(model, t, args)                     # R 1.2
+    text_trains = set_trainable(model, t, args)                     # finetune_gnsp.py
     W = {n: lin.weight for n, lin in protected_layers(model).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)  # R 1.3: wd 0, betas (0.9, 0.999)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)  # code: wd 0, betas (0.9, 0.999)
     batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
-    if ref is not None:   # R 3.3: fixed unshuffled reference batches, cycled
+    if ref is not None:   # code: fixed unshuffled reference batches, cycled
         ref_batches = common.forever(common.make_loader(ref, ref_batch_size(args, task.name), False, 0,
                                                         args.workers, device=device))
     if not text_trains:   # CHOICE: frozen text tower -> class features once (identical values, faster)
@@ -319,7 +319,7 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
                 text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
             feats = model.encode_image(images, normalize=True).float()  # (n [+ R], e)
             s = model.logit_scale.exp()                              # frozen: 100 for OpenAI CLIP
-            # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (R 3.5) ----
+            # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (finetune_gnsp.py) ----
             loss = F.cross_entropy(s * feats[:n] @ text.float().T, labels, label_smoothing=args.label_smoothing)
             if ref is not None:
                 v = model.encode_texts(list(captions), device).float()  # (R, e) current text tower
@@ -331,7 +331,7 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)                                         # true gradients before projecting (fp16)
-        # ---- PAPER: null-space projection (R 2.4) ----
+        # ---- PAPER: null-space projection (finetune_gnsp.py) ----
         if P is not None and args.project == "gradient":
             project_gradients(W, P)                                  # g <- g P, then AdamW
         if P is not None and args.project == "update":
@@ -350,7 +350,7 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: after a task, accumulate the input statistics of the protected layers (R 2.1-2.2) ----
+# ---- PAPER: after a task, accumulate the input statistics of the protected layers (get_data_matrix.py) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -374,7 +374,7 @@ def after_task(model: common.ClipView, task, t: int, args, device, M: dict) -> N
         if name in M:
             M_prev = M[name].to(device)
             if name == "visual.proj" and args.accumulation == "gnsp":
-                M_prev = M_prev / M_prev.norm()                       # recent tasks weigh more (R 2.2)
+                M_prev = M_prev / M_prev.norm()                       # recent tasks weigh more (get_data_matrix.py)
             S_hat = M_prev + S_hat
         M[name] = S_hat.cpu()
 

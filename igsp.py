@@ -11,7 +11,7 @@ Base:   Yu et al., "Boosting Continual Learning of Vision-Language Models via Mi
         residual stream; noisy top-2 gating on token 0; one router per task; 1000 iterations,
         batch 64, AdamW (wd 0), 100 warm-up steps then cosine, label smoothing 0.2, per-task lr.
 
-What is the paper's and what is ours (../shared/research/igsp.md, sections 2.1 and 2.3):
+What is the paper's and what is ours:
   THE PAPER'S WORDS (abstract): "leveraging the early convergence of MoE routers to establish the
         subspace basis"; Phase 1 "Subspace Identification" introduces "candidate experts via basis
         pre-expansion", applies a "subspace-constrained regularization" that "implicitly projects
@@ -72,7 +72,7 @@ import common
 # ---------------------------------------------------------------------------------------------
 
 # MoE-Adapters mtil/scripts/train/train_{full,few}_shot_router11_experts22_1000iters.sh (Order I;
-# no Order II lrs were released: each dataset keeps its Order-I lr, research/igsp.md section 4).
+# no Order II lrs were released: each dataset keeps its Order-I lr).
 _MTIL_NAMES = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST",
                "OxfordPet", "StanfordCars", "SUN397"]
 MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "bottleneck": 64,
@@ -460,7 +460,7 @@ def after_task(model, moes: dict[str, MoEMLP], selector: "TaskSelector", task, t
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- OURS: task-free inference (replaces MoE-Adapters' DDAS, research/igsp.md 1.5) ----
+# ---- OURS: task-free inference (replaces MoE-Adapters' DDAS) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -581,7 +581,7 @@ def evaluate_all(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: 
 
 def param_counts(moes: dict[str, MoEMLP], selector: TaskSelector) -> dict:
     """Stored extra parameters (CLIP's own excluded): all experts, all task routers + noise matrices,
-    all selector autoencoders. Per expert: 2 d r + r + d; per router: 2 d n_t (research/igsp.md 1.7)."""
+    all selector autoencoders. Per expert: 2 d r + r + d; per router: 2 d n_t."""
     experts = sum(p.numel() for m in moes.values() for p in m.experts.parameters())
     routers = sum(W.numel() for m in moes.values() for W in list(m.W_g) + list(m.W_noise))
     sel = sum(p.numel() for p in selector.parameters())

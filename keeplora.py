@@ -4,7 +4,7 @@ every task; KeepLoRA++ adds a shallow-to-deep layer scale on the LoRA branch.
 Papers: Luo et al., "KeepLoRA: Continual Learning with Residual Gradient Adaptation", ICLR 2026,
         arXiv 2601.19659 (`--variant keeplora`); Luo et al., "KeepLoRA++", arXiv 2606.16256
         (`--variant keeplora++`, the default). Only the abstracts could be read; the notation
-        below follows third-party paper notes (Props. 3.1/3.2), see research/keeplora.md.
+        below follows third-party notes on the paper (its Props. 3.1/3.2).
 Code:   MaolinLuo/KeepLoRA, MTIL/ (v1 = KeepLoRA, commit a17f9c2; v2 = KeepLoRA++, commit 7abf7ec):
         trainer.py (gradient estimate, A/B init), prin_subspace*.py (W_p, GPM-style update),
         peft_modules.py / peft_vit.py (LoRA branch, `build_layer_scales`), configs/*.yaml.
@@ -197,7 +197,7 @@ def add_keeplora(model: common.ClipView, args) -> dict[str, KeepLoRALinear]:
 # ---------------------------------------------------------------------------------------------
 
 LA = torch.float64           # CHOICE: subspace linear algebra in float64 (d <= 768: cheap), bases stored fp32
-SATURATION_TOL = 1e-6        # CHOICE (research/keeplora.md Sec. 6.7): skip a module whose residual energy
+SATURATION_TOL = 1e-6        # CHOICE: skip a module whose residual energy
                              # ||(I - M'M'^T) G||^2 is below this fraction of ||G||^2 (M' saturated)
 
 
