@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -120,11 +121,17 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     return p
 
 
-def finalize_args(args: argparse.Namespace, method: str, amp: str = "off",
-                  eval_prompts: str = "ensemble") -> argparse.Namespace:
-    """Fill benchmark-dependent defaults and validate numbers (one-line errors). `amp` and
-    `eval_prompts` are the method's official settings: `--amp official` and `--eval-prompts
-    official` resolve to them, so config.json records what the run used."""
+# the common flags that are resolved per task by each script's `hparams` (not by finalize_args)
+PER_TASK_FLAGS = ("iterations", "batch_size", "lr")
+
+
+def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argparse.Namespace:
+    """Fill every default and validate numbers (one-line errors). `defaults` is the script's
+    DEFAULTS table, name -> (MTIL value, toy value): each flag the user did not give (None, or
+    `official` for --amp / --eval-prompts) takes its benchmark's value, so config.json records
+    what the run used. --iterations / --batch-size / --lr stay None unless given: the script's
+    `hparams(args, task, t)` resolves them per task (config.json "per_task")."""
+    args.method = method
     if args.model is None:
         args.model = "ViT-B-16" if args.benchmark == "mtil" else TOY_MODEL
     if args.pretrained is None:
@@ -133,18 +140,37 @@ def finalize_args(args: argparse.Namespace, method: str, amp: str = "off",
         args.workers = 4 if args.benchmark == "mtil" else 0
     if args.out is None:
         args.out = f"runs/{method}-{args.benchmark}-order{args.order}-seed{args.seed}"
+    col = defaults_for(args, defaults)
+    for name, value in col.items():
+        if name in PER_TASK_FLAGS or not hasattr(args, name):
+            continue
+        if getattr(args, name) is None or (name in ("amp", "eval_prompts") and getattr(args, name) == "official"):
+            setattr(args, name, value)
     for name in ("iterations", "batch_size", "max_tasks", "few_shot", "workers", "eval_batch_size"):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("few_shot", "workers") else 1):
             raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('few_shot', 'workers') else '>= 1'}, got {v}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if args.amp == "official":
-        args.amp = amp
-    if args.eval_prompts == "official":
-        args.eval_prompts = eval_prompts
     args.progress = (not args.no_progress) and sys.stderr.isatty()
     return args
+
+
+def defaults_for(args: argparse.Namespace, defaults: dict) -> dict:
+    """This run's column of a DEFAULTS table (name -> (MTIL, toy)): name -> value."""
+    col = 0 if args.benchmark == "mtil" else 1
+    return {name: values[col] for name, values in defaults.items()}
+
+
+@dataclass(frozen=True)
+class HParams:
+    """One task's optimisation settings as the run used them (a script's `hparams(args, task, t)`;
+    config.json "per_task" lists them)."""
+    iterations: int
+    batch_size: int
+    lr: float
+    warmup: int = 0                   # linear warm-up steps (0: none)
+    schedule: str = "cosine"          # the lr schedule, by name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,17 +906,21 @@ class Run:
     CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size",
                            "max_tasks"}
 
-    def __init__(self, method: str, args: argparse.Namespace, datasets: list[str]):
-        self.method, self.args, self.datasets = method, args, datasets
+    def __init__(self, args: argparse.Namespace, tasks: list, plan: list[HParams]):
+        """`tasks`: the benchmark's tasks in training order; `plan`: each task's HParams."""
+        self.method, self.args, self.datasets = args.method, args, [t.name for t in tasks]
+        self.n_train = n_train_tasks(args, tasks)
         self.out = Path(args.out)
-        self.t0 = time.time()
+        self.t0 = self.t_task = time.time()
         self.zero_shot: list[float] | None = None
         self.acc: list[list[float]] = []
         self.extra: dict = {}
         self.state: dict | None = None  # the method state of the last finished task (on resume)
         self.seconds_before = 0.0
         cfg = {k: v for k, v in vars(args).items()}
-        self.config = {"method": method, "args": cfg, "datasets": datasets, "versions": versions()}
+        self.config = {"method": self.method, "args": cfg, "datasets": self.datasets,
+                       "per_task": [{"task": n, **asdict(hp)} for n, hp in zip(self.datasets, plan)],
+                       "versions": versions()}
         ckpt = self.out / "checkpoint.pt"
         if args.resume:
             if not ckpt.is_file():
@@ -924,25 +954,41 @@ class Run:
 
     def begin_task(self, t: int) -> None:
         seed_all(self.args.seed * 1000 + t)
+        self.t_task = time.time()
 
     def seconds(self) -> float:
         return self.seconds_before + time.time() - self.t0
 
-    def set_zero_shot(self, row: list[float]) -> None:
+    def set_zero_shot(self, row: list[float], info: dict | None = None) -> None:
+        """The untouched model's row; `info` (what the method's evaluate returned besides the
+        row) is kept as summary.json "zero_shot_info" and its "note" printed."""
         self.zero_shot = [float(v) for v in row]
+        info = dict(info or {})
+        note = info.pop("note", "")
+        if info:
+            self.extra["zero_shot_info"] = info
+        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(self.datasets, self.zero_shot))
+              + (f"\n    {note}" if note else ""), flush=True)
 
-    def finish_task(self, t: int, row: list[float], state: dict, trainable: int, extra: dict | None = None) -> None:
-        """Record the matrix row after task t, save the checkpoint (atomic), rewrite the outputs."""
+    def finish_task(self, t: int, row: list[float], state: dict, info: dict) -> None:
+        """Record the matrix row after task t, save the checkpoint (atomic), rewrite the outputs,
+        print one line. `info`: what the hooks returned: "loss" and "note" are printed (the note
+        is not saved), "trainable_params" is the summary's count, every other entry is appended
+        to its per-task list in summary.json."""
         self.acc.append([float(v) for v in row])
-        if extra:
-            for k, v in extra.items():
-                self.extra.setdefault(k, []).append(v)
-        self.extra["trainable_params"] = int(trainable)
+        info = dict(info)
+        note = info.pop("note", "")
+        self.extra["trainable_params"] = int(info.pop("trainable_params"))
+        for k, v in info.items():
+            self.extra.setdefault(k, []).append(v)
         atomic_torch_save({"method": self.method, "datasets": self.datasets,
                            "args": {k: v for k, v in vars(self.args).items()},
                            "zero_shot": self.zero_shot, "acc": self.acc, "extra": self.extra,
                            "state": state, "seconds": self.seconds()}, self.out / "checkpoint.pt")
         self.write_outputs()
+        loss = f"loss {info['loss']:.3f}  " if "loss" in info else ""
+        print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | " + "  ".join(f"{a:.1f}" for a in row)
+              + (f"\n    {note}" if note else ""), flush=True)
 
     def summary(self) -> dict:
         m = mtil_metrics(self.acc)
@@ -965,9 +1011,15 @@ class Run:
                     f"{self.method} {self.args.benchmark} order {self.args.order}")
 
     def print_final(self) -> None:
+        """The table and metrics; also the metrics of every other accuracy matrix the method
+        recorded (a per-task list of full rows in summary.json, e.g. igsp's acc_oracle)."""
         print(format_table(self.datasets, self.acc, self.zero_shot))
         z = mtil_metrics([self.zero_shot] * len(self.datasets))
         print(f"(zero-shot: Transfer {r1(z['transfer'])}   Average {r1(z['average'])}   Last {r1(z['last'])})")
+        for k, v in self.extra.items():
+            if isinstance(v, list) and v and all(isinstance(r, list) and len(r) == len(self.datasets) for r in v):
+                m = mtil_metrics(v)
+                print(f"({k}: Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])})")
         print(f"run folder: {self.out}")
 
 

@@ -18,41 +18,59 @@ Run:    python finetune.py --benchmark toy                  # CPU, minutes
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 import common
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---- PLUMBING: every default (MTIL | toy) and the arguments (common flags first, then the method's) ----
 # ---------------------------------------------------------------------------------------------
 
-# Paper defaults (ZSCL scripts/finetune.sh). Per-task lr: 5e-5 for Aircraft and MNIST, else 1e-5.
-MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-5, "warmup": 100,
-                 "lr_per_task": {"Aircraft": 5e-5, "MNIST": 5e-5}}
-# CHOICE: toy defaults, chosen by measurement (README, "toy benchmark"): enough steps and lr for
-# every toy task to improve clearly over zero-shot within a CPU-minute budget.
-TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 1e-3, "warmup": 10, "lr_per_task": {}}
+DEFAULTS = {  # name: (MTIL, toy). MTIL: ZSCL mtil/scripts/finetune.sh. toy: CHOICE, measured (notes/finetune.md)
+    "iterations": (1000, 100),
+    "batch_size": (64, 64),
+    "lr": (1e-5, 1e-3),
+    "lr_per_task": ({"Aircraft": 5e-5, "MNIST": 5e-5}, {}),    # ZSCL: 5e-5 for Aircraft and MNIST
+    "warmup": (100, 10),                                        # linear warm-up steps, then cosine
+    "label_smoothing": (0.2, 0.2),
+    "weight_decay": (0.0, 0.0),
+    "amp": ("off", "off"),                                      # ZSCL: fp32 training and evaluation
+    "eval_prompts": ("ensemble", "ensemble"),                   # ZSCL: every template, every dataset
+}
 
 
 def parse_args(argv=None):
     p = common.common_parser("finetune", __doc__)
     g = p.add_argument_group("method")
     g.add_argument("--mode", choices=["continual-ft", "zero-shot"], default="continual-ft")
-    g.add_argument("--label-smoothing", type=float, default=0.2)
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (ZSCL: 100; toy: 10)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    # ZSCL: fp32 training and evaluation, template ensemble for every dataset
-    return common.finalize_args(p.parse_args(argv), "finetune", amp="off", eval_prompts="ensemble")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float)
+    args = p.parse_args(argv)
+    return common.finalize_args(args, "finetune" if args.mode == "continual-ft" else "zero-shot", DEFAULTS)
 
 
-def task_hparams(args, name: str) -> tuple[int, int, float]:
-    """(iterations, batch size, lr) for a task: the flag if given, else the paper's value."""
-    d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
-    lr = args.lr if args.lr is not None else d["lr_per_task"].get(name, d["lr"])
-    return args.iterations or d["iterations"], args.batch_size or d["batch_size"], lr
+def hparams(args, task, t: int) -> common.HParams:
+    """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS."""
+    d = common.defaults_for(args, DEFAULTS)
+    iterations = args.iterations or d["iterations"]
+    return common.HParams(iterations, args.batch_size or d["batch_size"],
+                          args.lr or d["lr_per_task"].get(task.name, d["lr"]),
+                          warmup=min(args.warmup, iterations // 2), schedule="warmup+cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: setup (data, CLIP, the method's state between tasks) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(args, device):
+    """Check the data, load CLIP and the tasks. Continual-FT adds nothing to CLIP: its state
+    between tasks is the weights alone."""
+    common.check_data(args)
+    model = common.setup_model(args, device)
+    return model, common.load_tasks(args, model), {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,20 +78,20 @@ def task_hparams(args, name: str) -> tuple[int, int, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_task(model: common.ClipView, task, t: int, args, device) -> float:
-    iterations, batch_size, lr = task_hparams(args, task.name)
+def train_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    if args.mode == "zero-shot":                                    # the zero-shot row, repeated
+        return {"trainable_params": 0}
+    hp = hparams(args, task, t)
     model.logit_scale.requires_grad_(False)                        # ZSCL: logit_scale not optimised
     params = [p for p in model.parameters() if p.requires_grad]     # both encoders, everything else
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=args.weight_decay)
+    batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
-    d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
-    warmup = min(d["warmup"] if args.warmup is None else args.warmup, iterations // 2)
     scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = 0.0
-    for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
-        common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
+    for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
+        common.set_lr(opt, common.cosine_lr(step, hp.lr, hp.warmup, hp.iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with common.autocast(device, args.amp):
@@ -88,41 +106,47 @@ def train_task(model: common.ClipView, task, t: int, args, device) -> float:
         scaler.update()
         loss_sum += loss.item()
     model.eval()
-    return loss_sum / max(iterations, 1)
+    return {"loss": loss_sum / max(hp.iterations, 1), "trainable_params": common.trainable_params(model)}
 
 
-def after_task(model, task, args, device) -> None:
+def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
     """Continual-FT keeps nothing between tasks but the weights."""
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: main (setup, loop over tasks, evaluate, save) ----
+# ---- PLUMBING: evaluation, checkpoint, main (setup, loop over tasks, evaluate, save) ----
 # ---------------------------------------------------------------------------------------------
+
+
+def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
+    """The accuracy row after task t (t = -1: zero-shot): every dataset's zero-shot head."""
+    return common.evaluate_all(model, tasks, args, device, t), {}
+
+
+def checkpoint(model: common.ClipView, method: dict) -> dict:
+    return {"model": model.state_dict()}
+
+
+def restore(model: common.ClipView, method: dict, state: dict, args, device) -> None:
+    model.load_state_dict(state["model"])
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = common.pick_device(args.device)
-    common.check_data(args)
-    model = common.setup_model(args, device)
-    tasks = common.load_tasks(args, model)
-    names = [t.name for t in tasks]
-    run = common.Run("finetune" if args.mode == "continual-ft" else "zero-shot", args, names)
-    if run.state is not None:
-        model.load_state_dict(run.state["model"])
+    model, tasks, method = setup(args, device)
+    run = common.Run(args, tasks, [hparams(args, task, t) for t, task in enumerate(tasks)])
+    if run.state is not None:                                       # --resume: after the last finished task
+        restore(model, method, run.state, args, device)
     if run.zero_shot is None:
-        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
-        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
-    for t in range(run.start_task, common.n_train_tasks(args, tasks)):
-        run.begin_task(t)
-        t0 = time.time()
-        loss = train_task(model, tasks[t], t, args, device) if args.mode == "continual-ft" else float("nan")
-        after_task(model, tasks[t], args, device)
-        row = common.evaluate_all(model, tasks, args, device, t)
-        trainable = common.trainable_params(model) if args.mode == "continual-ft" else 0
-        run.finish_task(t, row, {"model": model.state_dict()}, trainable)
-        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {time.time() - t0:.0f}s | "
-              + "  ".join(f"{a:.1f}" for a in row), flush=True)
+        run.set_zero_shot(*evaluate(model, method, tasks, -1, args, device))
+    for t in range(run.start_task, run.n_train):
+        run.begin_task(t)                                           # seeds (seed, t): resumable
+        info = train_task(model, method, tasks[t], t, args, device)
+        info.update(after_task(model, method, tasks[t], t, args, device))
+        row, more = evaluate(model, method, tasks, t, args, device)
+        run.finish_task(t, row, checkpoint(model, method), {**info, **more})
     run.print_final()
 
 

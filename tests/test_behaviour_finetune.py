@@ -72,10 +72,12 @@ def test_task_hparams_are_the_zscl_protocol():
         a = finetune.parse_args(["--order", order, "--out", "/nonexistent"])
         for name in MTIL:
             lr = 5e-5 if name in ("Aircraft", "MNIST") else 1e-5
-            assert finetune.task_hparams(a, name) == (1000, 64, lr), \
-                f"{name}: (iterations, batch, lr) should be (1000, 64, {lr})"
+            hp = finetune.hparams(a, fake_task(name=name), 0)
+            assert (hp.iterations, hp.batch_size, hp.lr, hp.warmup) == (1000, 64, lr, 100), \
+                f"{name}: (iterations, batch, lr, warm-up) should be (1000, 64, {lr}, 100)"
     a = finetune.parse_args(["--out", "/nonexistent", "--iterations", "7", "--batch-size", "5", "--lr", "3e-4"])
-    assert finetune.task_hparams(a, "MNIST") == (7, 5, 3e-4), "flags override the per-task defaults"
+    hp = finetune.hparams(a, fake_task(name="MNIST"), 0)
+    assert (hp.iterations, hp.batch_size, hp.lr) == (7, 5, 3e-4), "flags override the per-task defaults"
 
 
 @pytest.mark.parametrize("name", ["Aircraft", "MNIST", "DTD"])
@@ -89,7 +91,7 @@ def test_mtil_schedule_reaches_the_optimiser(tiny_clip, adamw_spy, monkeypatch, 
     monkeypatch.setattr(common, "progress", lambda it, enabled, **kw: itertools.islice(it, 2))
     args = finetune.parse_args(["--order", "I", "--out", "/nonexistent", "--no-progress", "--workers", "0"])
     lr = 5e-5 if name in ("Aircraft", "MNIST") else 1e-5
-    finetune.train_task(tiny_clip, fake_task(8, 0, name), 0, args, CPU)
+    finetune.train_task(tiny_clip, {}, fake_task(8, 0, name), 0, args, CPU)
     assert sched == [(0, lr, 100, 1000), (1, lr, 100, 1000)], "cosine_lr(step, lr, warm-up 100, 1000 iterations)"
     assert [g for lrs in adamw_spy.lrs for g in lrs] == pytest.approx([lr / 100, 2 * lr / 100], rel=1e-9), \
         "AdamW did not see the warm-up lr of the first steps"
@@ -112,7 +114,7 @@ def test_step_losses_are_label_smoothed_ce_on_the_first_template(clip, monkeypat
     seen = []
     real_check = common.check_finite
     monkeypatch.setattr(common, "check_finite", lambda loss, *a: seen.append(loss.item()) or real_check(loss, *a))
-    mean = finetune.train_task(model, task, 2, args, CPU)
+    mean = finetune.train_task(model, {}, task, 2, args, CPU)["loss"]
     assert len(seen) == 3, "one loss per iteration"
     for k, (a, b) in enumerate(zip(seen, want)):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), \
@@ -135,7 +137,7 @@ def test_adamw_gets_this_steps_gradient_through_both_towers(clip, adamw_spy):
         loss = step_loss(model, task, *next(batches))
         want.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
     adamw_spy.watch = {id(p) for p in params.values()}
-    finetune.train_task(model, task, 0, args, CPU)
+    finetune.train_task(model, {}, task, 0, args, CPU)
     assert len(adamw_spy.grads) == 3, "AdamW should step once per iteration"
     for k, grads in enumerate(adamw_spy.grads):
         for n, p in params.items():
@@ -152,7 +154,7 @@ def test_lr_is_warmup_then_cosine_at_every_step(tiny_clip, adamw_spy, warmup_fla
     """The lr AdamW uses at each of 8 steps: linear warm-up (toy default min(10, iterations // 2))
     then cosine to 0; AdamW with weight decay 0, betas (0.9, 0.999)."""
     args = args_for("--iterations", "8", "--lr", "1e-3", *(["--warmup", warmup_flag] if warmup_flag else []))
-    finetune.train_task(tiny_clip, fake_task(6), 0, args, CPU)
+    finetune.train_task(tiny_clip, {}, fake_task(6), 0, args, CPU)
     lr = 1e-3
     want = [lr * (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (8 - warmup))) * lr
             for s in range(8)]
@@ -171,7 +173,7 @@ def test_both_towers_train_and_logit_scale_never_moves(tiny_clip):
     s0 = model.logit_scale.detach().clone()
     for t in range(2):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        finetune.train_task(model, fake_task(6, 10 * t), t, args, CPU)
+        finetune.train_task(model, {}, fake_task(6, 10 * t), t, args, CPU)
         after = model.state_dict()
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         want = {k for k, _ in model.named_parameters()} - {"clip.logit_scale"}

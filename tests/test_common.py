@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import common
+import data
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -175,7 +176,7 @@ def test_metrics_zero_shot_repeated_rows():
 
 def _args(tmp_path, **kw):
     p = common.common_parser("x")
-    a = common.finalize_args(p.parse_args(["--benchmark", "toy", "--out", str(tmp_path / "run")]), "x")
+    a = common.finalize_args(p.parse_args(["--benchmark", "toy", "--out", str(tmp_path / "run")]), "x", {})
     for k, v in kw.items():
         setattr(a, k, v)
     return a
@@ -183,32 +184,41 @@ def _args(tmp_path, **kw):
 
 def test_run_folder_checkpoint_resume_and_errors(tmp_path):
     args = _args(tmp_path)
-    run = common.Run("x", args, ["a", "b"])
-    run.set_zero_shot([1.0, 2.0])
-    run.finish_task(0, [3.0, 4.0], {"w": torch.ones(2)}, trainable=7)
+    tasks = [data.Task(n, [], [], [], []) for n in ("a", "b")]
+    plan = [common.HParams(5, 4, 1e-3), common.HParams(6, 4, 2e-3, warmup=1)]
+    run = common.Run(args, tasks, plan)
+    run.set_zero_shot([1.0, 2.0], {"gap": 0.5, "note": "printed only"})
+    run.finish_task(0, [3.0, 4.0], {"w": torch.ones(2)}, {"trainable_params": 7, "loss": 0.25, "k": 3, "note": "x"})
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["acc_matrix"] == [[3.0, 4.0]] and s["zero_shot"] == [1.0, 2.0] and s["trainable_params"] == 7
+    assert s["loss"] == [0.25] and s["k"] == [3] and "note" not in s, "per-task info lists; notes are not saved"
+    assert s["zero_shot_info"] == {"gap": 0.5}
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["per_task"] == [{"task": "a", "iterations": 5, "batch_size": 4, "lr": 1e-3, "warmup": 0,
+                                "schedule": "cosine"},
+                               {"task": "b", "iterations": 6, "batch_size": 4, "lr": 2e-3, "warmup": 1,
+                                "schedule": "cosine"}], "config.json must hold the resolved per-task values"
     assert (tmp_path / "run" / "acc_matrix.png").is_file()
     assert (tmp_path / "run" / "acc_matrix.csv").read_text().splitlines()[1] == "a,3.00,4.00"
     with pytest.raises(common.UserError, match="already holds a run"):
-        common.Run("x", args, ["a", "b"])
+        common.Run(args, tasks, plan)
     args.resume = True
-    r2 = common.Run("x", args, ["a", "b"])
+    r2 = common.Run(args, tasks, plan)
     assert r2.start_task == 1 and torch.equal(r2.state["w"], torch.ones(2))
     args.seed = 3
     with pytest.raises(common.UserError, match="--seed"):
-        common.Run("x", args, ["a", "b"])
+        common.Run(args, tasks, plan)
     args.seed = 42
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="corrupt"):
-        common.Run("x", args, ["a", "b"])
+        common.Run(args, tasks, plan)
 
 
 def test_bad_numbers_are_user_errors(tmp_path):
     p = common.common_parser("x")
     for bad in (["--iterations", "0"], ["--lr", "-1"], ["--batch-size", "-3"]):
         with pytest.raises(common.UserError):
-            common.finalize_args(p.parse_args(bad), "x")
+            common.finalize_args(p.parse_args(bad), "x", {})
 
 
 def test_toy_pretraining_is_a_function_of_its_seed_only(tmp_path, monkeypatch):
