@@ -1,20 +1,25 @@
 """common.py -- everything method-agnostic, shared by finetune.py and the four method scripts.
 
-Nothing in here is one method's decision. What lives here:
+Nothing in here is one method's decision. Contents, in file order:
 
-  * errors and the CLI wrapper (user mistakes -> one line on stderr, exit code 2)
-  * the shared command line (`common_parser`) and seeding / device choice
-  * CLIP loading through open_clip (the only file that imports open_clip), including local
-    weight files, OpenAI's TorchScript `.pt`, and the toy benchmark's tiny CLIP (pretrained once
-    on the toy world's captions and cached)
-  * `ClipView`: open_clip's CLIP where every weight the methods adapt (attention q, k, v, out;
-    MLP c_fc, c_proj; the visual projection) is a plain `nn.Linear` that is really called in the
-    forward pass, with a canonical named iteration over them (`ClipView.layers()`)
-  * `LoRALinear`, Gram-matrix hooks, eigen-energy ranks, orthonormal complements, projectors
-  * text encoding with the context cut to the longest prompt, zero-shot heads, evaluation
-  * MTIL metrics (ZSCL definitions), the terminal table, the heatmap
-  * the run folder: config.json, acc_matrix.csv/png, summary.json, atomic per-task checkpoint,
-    `--resume`
+  1. The command line and a run's set-up: user errors (one line, exit code 2) and `cli_main`;
+     the shared flags (`common_parser`); `finalize_args`, which fills every default from a
+     script's DEFAULTS table (MTIL | toy); `HParams`, one task's resolved optimisation settings;
+     seeding and device; `check_data`, `load_tasks`, `setup_model`.
+  2. CLIP through open_clip (the only file that imports open_clip): `load_clip` for tags, local
+     weight files and OpenAI's TorchScript `.pt`, QuickGELU (`wants_quick_gelu`), the toy
+     benchmark's tiny CLIP (its recipe is in data.py's toy section; pretrained here once and
+     cached); `ClipView`, open_clip's CLIP where every weight the methods adapt (attention q, k,
+     v, out; MLP c_fc, c_proj; the visual projection) is a plain `nn.Linear` that is really
+     called, with a canonical named iteration over them (`ClipView.layers()`).
+  3. The training loop's parts: seeded loaders, ZSCL's warm-up + cosine lr, autocast and the
+     fp16 grad scaler, the NaN check, progress bars, the trainable-parameter count.
+  4. Input statistics and linear algebra: forward hooks on module inputs, Gram accumulation,
+     orthonormalisation.
+  5. Evaluation and metrics: class prompts, zero-shot heads, which prompts each protocol uses
+     (`eval_templates`), accuracy rows, ZSCL's Transfer / Average / Last, the table, the heatmap.
+  6. The run folder (`Run`): config.json (with each task's resolved HParams), acc_matrix.csv/png,
+     summary.json, the atomic per-task checkpoint, `--resume`.
 """
 from __future__ import annotations
 
@@ -39,10 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import open_clip  # noqa: E402  (the only import of open_clip in the project)
+import open_clip  # noqa: E402  (besides data.py's ImageNet class names, the only import of open_clip)
+
+import data  # data.py never imports common.py
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: errors ----
+# ---- 1. The command line and a run's set-up (errors, flags, defaults, seeding, device, data, model) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -52,17 +59,13 @@ class UserError(Exception):
 
     exit_code = 2
 
-
 class NonFiniteLoss(Exception):
     """The loss became NaN/inf. Everything saved before this step stays on disk."""
 
     exit_code = 1
 
-
 def cli_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run `main(argv)`; turn user errors into a clean message + exit code (no traceback)."""
-    import data  # local import: data.py never imports common.py, so no cycle
-
     try:
         main(argv)
     except (UserError, data.MissingDataError) as e:
@@ -74,12 +77,6 @@ def cli_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     except KeyboardInterrupt:
         print("interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)
         sys.exit(130)
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: the shared command line ----
-# ---------------------------------------------------------------------------------------------
-
 
 def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParser:
     """The flags every script accepts (DESIGN.md "The shared command line"). A method script
@@ -119,11 +116,8 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (auto-off when stderr is not a TTY)")
     return p
-
-
 # the common flags that are resolved per task by each script's `hparams` (not by finalize_args)
 PER_TASK_FLAGS = ("iterations", "batch_size", "lr")
-
 
 def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argparse.Namespace:
     """Fill every default and validate numbers (one-line errors). `defaults` is the script's
@@ -155,12 +149,10 @@ def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argp
     args.progress = (not args.no_progress) and sys.stderr.isatty()
     return args
 
-
 def defaults_for(args: argparse.Namespace, defaults: dict) -> dict:
     """This run's column of a DEFAULTS table (name -> (MTIL, toy)): name -> value."""
     col = 0 if args.benchmark == "mtil" else 1
     return {name: values[col] for name, values in defaults.items()}
-
 
 @dataclass(frozen=True)
 class HParams:
@@ -172,19 +164,12 @@ class HParams:
     warmup: int = 0                   # linear warm-up steps (0: none)
     schedule: str = "cosine"          # the lr schedule, by name
 
-
-# ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: seeding and device ----
-# ---------------------------------------------------------------------------------------------
-
-
 def seed_all(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -197,67 +182,212 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
     return dev
 
+def check_data(args) -> None:
+    """Fail early (before loading any model) when MTIL data is missing: exit 2 with the list."""
+    if args.benchmark == "mtil":
+        names = data.MTIL_ORDERS[args.order]  # every dataset is evaluated, even with --max-tasks
+        missing = data.mtil_missing(args.data_root, names)
+        if missing:
+            raise data.MissingDataError(missing)
 
-def _worker_init(worker_id: int) -> None:
-    s = torch.initial_seed() % 2**32  # distinct per worker, derived from the loader's generator
-    np.random.seed(s)
-    random.seed(s)
+def load_tasks(args, model: ClipView, train_transform: str = "train", few_shot_once: bool = False) -> list:
+    """All the benchmark's tasks in training order, test splits with the eval transform, few-shot
+    subsets applied when --few-shot K > 0. --max-tasks limits training (`n_train_tasks`), not the
+    columns of the matrix. The methods' official codes differ in their training inputs:
+      train_transform  "train": ZSCL's RandomResizedCrop(scale 0.9-1) + flip-free CLIP
+                       preprocessing; "eval": the deterministic eval transform (KeepLoRA)
+      few_shot_once    the few-shot images are transformed once and kept (DAC, MoE-Adapters: they
+                       stack the transformed images into a TensorDataset), instead of on the fly."""
+    if args.benchmark == "mtil":
+        tr, ev = data.clip_transforms(model.image_size)
+        tasks = data.mtil_tasks(args.data_root, args.order, ev if train_transform == "eval" else tr, ev)
+    else:
+        tasks = data.toy_tasks(args.order)
+    if args.few_shot:
+        for t in tasks:
+            t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
+            if few_shot_once:
+                t.train = data.transformed_once(t.train, seed=args.seed)
+    return tasks
 
+def n_train_tasks(args, tasks: list) -> int:
+    return min(len(tasks), args.max_tasks or len(tasks))
 
-def make_loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
-                drop_last: bool = False, device: torch.device | None = None):
-    """A DataLoader whose shuffling and worker RNGs are a function of `seed` only."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
-        worker_init_fn=_worker_init if workers else None, drop_last=drop_last,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False)
-
-
-def forever(loader) -> Iterator:
-    """Cycle through a loader (a new shuffled epoch each pass), as ZSCL's iteration loop does."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise UserError("a training split is empty (check the dataset / --few-shot)")
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """ZSCL's `cosine_lr`: linear warm-up over `warmup` steps, then cosine from base_lr to 0."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    e = step - warmup
-    es = max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-def check_finite(loss: torch.Tensor, task: str, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"loss became {loss.item()} in task '{task}' at step {step}; "
-                            "finished tasks are saved in the run folder (lower --lr and --resume)")
-
-
-def progress(it: Iterable, enabled: bool, **kw):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-    return tqdm(it, **kw)
-
+def setup_model(args, device) -> ClipView:
+    """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it)."""
+    if args.quick_gelu == "auto":
+        args.quick_gelu = "on" if wants_quick_gelu(args.model, args.pretrained) else "off"
+    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
+                     quick_gelu=args.quick_gelu == "on")
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: the CLIP view (every adapted weight is a plain nn.Linear, really called) ----
+# ---- 2. CLIP through open_clip: loading (tags, weight files, QuickGELU, the toy tiny CLIP) and the view ----
 # ---------------------------------------------------------------------------------------------
 
+TOY_MODEL = "toy-tiny"
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLCLIP_CACHE", Path.home() / ".cache" / "clip-cl"))
+
+class _RandomInitFilter(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" record: our toy and
+    `none` models are random on purpose. Every other warning (a QuickGELU mismatch among them)
+    still reaches the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+def _create(name: str, **kw):
+    f = _RandomInitFilter()
+    logging.getLogger().addFilter(f)
+    try:
+        return _create_model(name, **kw)
+    finally:
+        logging.getLogger().removeFilter(f)
+
+def _create_model(name: str, **kw):
+    if name == TOY_MODEL:
+        if kw.get("pretrained"):
+            raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")
+        return open_clip.create_model("ViT-B-32", pretrained=None, **data.TOY_CLIP_CFG), \
+            data.TOY_CLIP_CFG["text_cfg"]["context_length"]
+    model = open_clip.create_model(name, **kw)
+    return model, model.context_length
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+def wants_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether `--quick-gelu auto` gives QuickGELU (x * sigmoid(1.702 x)), the activation OpenAI's
+    CLIP was trained with. open_clip 3.3.0 builds `ViT-B-16` with nn.GELU even for the `openai`
+    tag (it only warns "QuickGELU mismatch"), so every weight source is decided here:
+      a tag            -> the tag's own setting (True for `openai`, False for e.g. `laion2b_*`);
+      OpenAI's .pt     -> True (TorchScript archive: only OpenAI ships those);
+      a state-dict file-> True when open_clip knows an `openai` tag for the model: such a file of
+                          the papers' backbone is taken to hold OpenAI's weights (--quick-gelu off
+                          for other weights of that architecture);
+      none / toy       -> False (the model config's own activation)."""
+    if pretrained in (None, "none", "toy") or name == TOY_MODEL:
+        return False
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return _is_torchscript(path) or bool(open_clip.get_pretrained_cfg(name, "openai"))
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    return bool(cfg and cfg.get("quick_gelu", False))
+
+def load_clip(name: str, pretrained: str | None, device: torch.device | str = "cpu",
+              toy_seed: int = 0, toy_pretrain: dict | None = None, progress_bar: bool = True,
+              quick_gelu: bool | None = None) -> ClipView:
+    """Build a CLIP as a `ClipView`, in fp32, in eval mode, on `device`.
+
+    name       open_clip model name, or `toy-tiny` (the toy benchmark's model)
+    pretrained an open_clip tag (e.g. `openai`), a local weights file (open_clip/state-dict
+               `.pt/.pth/.bin/.safetensors`, or OpenAI's original TorchScript `.pt`), `toy` (the
+               cached toy pretraining), or `none`
+    quick_gelu force QuickGELU on / off; None = `wants_quick_gelu(name, pretrained)`."""
+    device = torch.device(device)
+    tokenizer_name = "ViT-B-32" if name == TOY_MODEL else name
+    if quick_gelu is None:
+        quick_gelu = wants_quick_gelu(name, pretrained)
+    if quick_gelu and name == TOY_MODEL:
+        raise UserError(f"{TOY_MODEL} uses GELU; --quick-gelu on is for OpenAI-style models")
+    qg = {"force_quick_gelu": True} if quick_gelu else {}
+    if pretrained == "toy":
+        if name != TOY_MODEL:
+            raise UserError(f"--pretrained toy only exists for --model {TOY_MODEL}")
+        clip, ctx = _toy_pretrained(toy_seed, toy_pretrain or data.TOY_CLIP_PRETRAIN, progress_bar)
+    elif pretrained in (None, "none"):
+        clip, ctx = _create(name, **qg)
+    else:
+        path = Path(pretrained).expanduser()
+        try:
+            if path.is_file():
+                if name == TOY_MODEL:
+                    clip, ctx = _create(name)
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
+                    clip.load_state_dict(sd.get("state_dict", sd))
+                elif _is_torchscript(path):
+                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False.
+                    clip, ctx = _create(name, pretrained=str(path), weights_only=False, **qg)
+                else:
+                    clip, ctx = _create(name, pretrained=str(path), **qg)
+            elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise UserError(f"weights file not found: {pretrained}")
+            else:
+                clip, ctx = _create(name, pretrained=pretrained, **qg)
+        except UserError:
+            raise
+        except RuntimeError as e:
+            msg = str(e)
+            if "Failed to download" in msg or "Unknown pretrained" in msg or "not found" in msg.lower() \
+                    or "not a known tag" in msg:
+                raise UserError(
+                    f"could not load weights '{pretrained}' for {name} (offline, or an unknown tag); "
+                    f"download them once and pass --pretrained FILE (e.g. OpenAI's ViT-B-16.pt from "
+                    f"openaipublic.azureedge.net, or open_clip_pytorch_model.bin of "
+                    f"timm/vit_base_patch16_clip_224.openai; both get QuickGELU)") from None
+            raise UserError(f"could not load weights '{pretrained}' for {name}: {msg.splitlines()[0][:300]}") from None
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise UserError(f"could not load weights '{pretrained}' for {name}: {str(e).splitlines()[0][:300]}") from None
+    tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=ctx)
+    return ClipView(clip.float(), tokenizer, ctx).to(device).eval()
+
+def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
+    """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
+    keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
+    # "init": the initial weights are drawn from `seed` too; the field keeps caches built when they
+    # came from the caller's RNG state (so depended on the script that filled the cache) unused.
+    key = json.dumps({"cfg": data.TOY_CLIP_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed,
+                      "init": "seeded"}, sort_keys=True)
+    h = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"toy-clip-{h}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        clip, ctx = _create(TOY_MODEL)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
+            return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
+
+def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool):
+    if path.is_file():
+        try:
+            clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return clip, ctx
+        except Exception:
+            print(f"warning: toy CLIP cache {path} unreadable; rebuilding it", file=sys.stderr)
+    print(f"pretraining the toy CLIP once ({recipe['steps']} steps; cached in {path})", file=sys.stderr)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=ctx)
+    pretrain_contrastive(clip, tokenizer, data.toy_pretraining_batches(seed, recipe["batch_size"]),
+                         recipe, seed, progress_bar)
+    atomic_torch_save(clip.state_dict(), path)
+    return clip, ctx
+
+def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: dict, seed: int,
+                         progress_bar: bool = True) -> None:
+    """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU."""
+    torch.manual_seed(seed)  # the CPU stream only: callers' python, numpy and CUDA streams stay as they were
+    clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    bar = progress(range(recipe["steps"]), progress_bar and sys.stderr.isatty(), desc="toy CLIP", leave=False)
+    for step in bar:
+        set_lr(opt, cosine_lr(step, recipe["lr"], recipe["warmup"], recipe["steps"]))
+        images, captions = next(batches)
+        tok = tokenizer(captions)
+        img = F.normalize(clip.encode_image(images), dim=-1)
+        txt = F.normalize(clip.encode_text(tok), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T       # (B, B)
+        y = torch.arange(len(images))
+        loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    clip.eval()
 
 class SplitAttention(nn.Module):
     """nn.MultiheadAttention with its packed in_proj split into q, k, v and out `nn.Linear`s.
@@ -295,7 +425,6 @@ class SplitAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, L, d/h)
         o = o.transpose(1, 2).reshape(N, L, d)                     # (N, L, d)
         return self.out(o), None
-
 
 class ClipView(nn.Module):
     """open_clip's CLIP, rewired so that the methods see plain `nn.Linear` layers.
@@ -390,245 +519,76 @@ class ClipView(nn.Module):
     def forward(self, images, tokens):
         return self.encode_image(images, True), self.encode_text(tokens, True)
 
-
-# ---- the toy benchmark's tiny CLIP (config + cached pretraining) ------------------------------
-
-TOY_MODEL = "toy-tiny"
-TOY_MODEL_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-# Pretraining recipe, chosen by measurement on 2 CPU cores (see README "toy benchmark").
-TOY_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLCLIP_CACHE", Path.home() / ".cache" / "clip-cl"))
-
-
-class _RandomInitFilter(logging.Filter):
-    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" record: our toy and
-    `none` models are random on purpose. Every other warning (a QuickGELU mismatch among them)
-    still reaches the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-def _create(name: str, **kw):
-    f = _RandomInitFilter()
-    logging.getLogger().addFilter(f)
-    try:
-        return _create_model(name, **kw)
-    finally:
-        logging.getLogger().removeFilter(f)
-
-
-def _create_model(name: str, **kw):
-    if name == TOY_MODEL:
-        if kw.get("pretrained"):
-            raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")
-        return open_clip.create_model("ViT-B-32", pretrained=None, **TOY_MODEL_CFG), \
-            TOY_MODEL_CFG["text_cfg"]["context_length"]
-    model = open_clip.create_model(name, **kw)
-    return model, model.context_length
-
-
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def wants_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """Whether `--quick-gelu auto` gives QuickGELU (x * sigmoid(1.702 x)), the activation OpenAI's
-    CLIP was trained with. open_clip 3.3.0 builds `ViT-B-16` with nn.GELU even for the `openai`
-    tag (it only warns "QuickGELU mismatch"), so every weight source is decided here:
-      a tag            -> the tag's own setting (True for `openai`, False for e.g. `laion2b_*`);
-      OpenAI's .pt     -> True (TorchScript archive: only OpenAI ships those);
-      a state-dict file-> True when open_clip knows an `openai` tag for the model: such a file of
-                          the papers' backbone is taken to hold OpenAI's weights (--quick-gelu off
-                          for other weights of that architecture);
-      none / toy       -> False (the model config's own activation)."""
-    if pretrained in (None, "none", "toy") or name == TOY_MODEL:
-        return False
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return _is_torchscript(path) or bool(open_clip.get_pretrained_cfg(name, "openai"))
-    cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    return bool(cfg and cfg.get("quick_gelu", False))
-
-
-def load_clip(name: str, pretrained: str | None, device: torch.device | str = "cpu",
-              toy_seed: int = 0, toy_pretrain: dict | None = None, progress_bar: bool = True,
-              quick_gelu: bool | None = None) -> ClipView:
-    """Build a CLIP as a `ClipView`, in fp32, in eval mode, on `device`.
-
-    name       open_clip model name, or `toy-tiny` (the toy benchmark's model)
-    pretrained an open_clip tag (e.g. `openai`), a local weights file (open_clip/state-dict
-               `.pt/.pth/.bin/.safetensors`, or OpenAI's original TorchScript `.pt`), `toy` (the
-               cached toy pretraining), or `none`
-    quick_gelu force QuickGELU on / off; None = `wants_quick_gelu(name, pretrained)`."""
-    device = torch.device(device)
-    tokenizer_name = "ViT-B-32" if name == TOY_MODEL else name
-    if quick_gelu is None:
-        quick_gelu = wants_quick_gelu(name, pretrained)
-    if quick_gelu and name == TOY_MODEL:
-        raise UserError(f"{TOY_MODEL} uses GELU; --quick-gelu on is for OpenAI-style models")
-    qg = {"force_quick_gelu": True} if quick_gelu else {}
-    if pretrained == "toy":
-        if name != TOY_MODEL:
-            raise UserError(f"--pretrained toy only exists for --model {TOY_MODEL}")
-        clip, ctx = _toy_pretrained(toy_seed, toy_pretrain or TOY_PRETRAIN, progress_bar)
-    elif pretrained in (None, "none"):
-        clip, ctx = _create(name, **qg)
-    else:
-        path = Path(pretrained).expanduser()
-        try:
-            if path.is_file():
-                if name == TOY_MODEL:
-                    clip, ctx = _create(name)
-                    sd = torch.load(path, map_location="cpu", weights_only=True)
-                    clip.load_state_dict(sd.get("state_dict", sd))
-                elif _is_torchscript(path):
-                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False.
-                    clip, ctx = _create(name, pretrained=str(path), weights_only=False, **qg)
-                else:
-                    clip, ctx = _create(name, pretrained=str(path), **qg)
-            elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-                raise UserError(f"weights file not found: {pretrained}")
-            else:
-                clip, ctx = _create(name, pretrained=pretrained, **qg)
-        except UserError:
-            raise
-        except RuntimeError as e:
-            msg = str(e)
-            if "Failed to download" in msg or "Unknown pretrained" in msg or "not found" in msg.lower() \
-                    or "not a known tag" in msg:
-                raise UserError(
-                    f"could not load weights '{pretrained}' for {name} (offline, or an unknown tag); "
-                    f"download them once and pass --pretrained FILE (e.g. OpenAI's ViT-B-16.pt from "
-                    f"openaipublic.azureedge.net, or open_clip_pytorch_model.bin of "
-                    f"timm/vit_base_patch16_clip_224.openai; both get QuickGELU)") from None
-            raise UserError(f"could not load weights '{pretrained}' for {name}: {msg.splitlines()[0][:300]}") from None
-        except (FileNotFoundError, OSError, ValueError) as e:
-            raise UserError(f"could not load weights '{pretrained}' for {name}: {str(e).splitlines()[0][:300]}") from None
-    tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=ctx)
-    return ClipView(clip.float(), tokenizer, ctx).to(device).eval()
-
-
-def load_clip_plain(name: str, **kw) -> nn.Module:
-    """Plain open_clip model (no view) for parity tests."""
-    return _create(name, **kw)[0]
-
-
-def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
-    """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
-    keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
-    import data
-    # "init": the initial weights are drawn from `seed` too; the field keeps caches built when they
-    # came from the caller's RNG state (so depended on the script that filled the cache) unused.
-    key = json.dumps({"cfg": TOY_MODEL_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed,
-                      "init": "seeded"}, sort_keys=True)
-    h = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"toy-clip-{h}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
-        torch.manual_seed(seed)
-        clip, ctx = _create(TOY_MODEL)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
-            return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
-
-
-def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool):
-    import data
-    if path.is_file():
-        try:
-            clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return clip, ctx
-        except Exception:
-            print(f"warning: toy CLIP cache {path} unreadable; rebuilding it", file=sys.stderr)
-    print(f"pretraining the toy CLIP once ({recipe['steps']} steps; cached in {path})", file=sys.stderr)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=ctx)
-    pretrain_contrastive(clip, tokenizer, data.toy_pretraining_batches(seed, recipe["batch_size"]),
-                         recipe, seed, progress_bar)
-    atomic_torch_save(clip.state_dict(), path)
-    return clip, ctx
-
-
-def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: dict, seed: int,
-                         progress_bar: bool = True) -> None:
-    """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU."""
-    torch.manual_seed(seed)  # the CPU stream only: callers' python, numpy and CUDA streams stay as they were
-    clip.train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    bar = progress(range(recipe["steps"]), progress_bar and sys.stderr.isatty(), desc="toy CLIP", leave=False)
-    for step in bar:
-        set_lr(opt, cosine_lr(step, recipe["lr"], recipe["warmup"], recipe["steps"]))
-        images, captions = next(batches)
-        tok = tokenizer(captions)
-        img = F.normalize(clip.encode_image(images), dim=-1)
-        txt = F.normalize(clip.encode_text(tok), dim=-1)
-        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T       # (B, B)
-        y = torch.arange(len(images))
-        loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    clip.eval()
-
-
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: LoRA ----
+# ---- 3. The training loop's parts (loaders, lr schedule, precision, checks) ----
 # ---------------------------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
-    """y = W0 x + b + (alpha / r) * B A x, with W0, b frozen (LoRA, Hu et al. 2021, Eq. 3).
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32  # distinct per worker, derived from the loader's generator
+    np.random.seed(s)
+    random.seed(s)
 
-    A: (r, d_in), B: (d_out, r). B starts at zero, so the layer starts equal to its base.
-    `merge()` folds (alpha/r) B A into W0 and resets B to zero (outputs unchanged)."""
+def make_loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
+                drop_last: bool = False, device: torch.device | None = None):
+    """A DataLoader whose shuffling and worker RNGs are a function of `seed` only."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None, drop_last=drop_last,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=False)
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / r
-        d_out, d_in = base.weight.shape
-        self.A = nn.Parameter(torch.zeros(r, d_in, device=base.weight.device))
-        self.B = nn.Parameter(torch.zeros(d_out, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+def forever(loader) -> Iterator:
+    """Cycle through a loader (a new shuffled epoch each pass), as ZSCL's iteration loop does."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise UserError("a training split is empty (check the dataset / --few-shot)")
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """ZSCL's `cosine_lr`: linear warm-up over `warmup` steps, then cosine from base_lr to 0."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    e = step - warmup
+    es = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
 
-    @property
-    def bias(self):
-        return self.base.bias
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-    def delta(self) -> torch.Tensor:
-        return self.scaling * self.B @ self.A                                 # (d_out, d_in)
+def autocast(device: torch.device, amp: str):
+    """Autocast for `--amp fp16|bf16` on CUDA; a no-op for `off` and on the CPU (CPU runs are fp32)."""
+    if amp in AMP_DTYPES and device.type == "cuda":
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+    return contextlib.nullcontext()
 
-    def forward(self, x):
-        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.A), self.B)
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 training on CUDA (as torch.amp's recipe); disabled (a pass-through) otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base.weight += self.delta().to(self.base.weight.dtype)
-        self.B.zero_()
+def check_finite(loss: torch.Tensor, task: str, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"loss became {loss.item()} in task '{task}' at step {step}; "
+                            "finished tasks are saved in the run folder (lower --lr and --resume)")
 
+def progress(it: Iterable, enabled: bool, **kw):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, **kw)
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: input statistics and linear algebra the methods share ----
+# ---- 4. Input statistics and linear algebra the methods share ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -646,7 +606,6 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor],
     finally:
         for h in handles:
             h.remove()
-
 
 @torch.no_grad()
 def accumulate_grams(model_fn: Callable[[object], None], loader: Iterable, modules: dict[str, nn.Module],
@@ -671,37 +630,6 @@ def accumulate_grams(model_fn: Callable[[object], None], loader: Iterable, modul
             model_fn(batch)
     return grams
 
-
-def energy_rank(eigvals: torch.Tensor, threshold: float) -> int:
-    """Smallest k such that the top-k eigenvalues hold at least `threshold` of the total energy.
-
-    eigvals: non-negative, any order. Boundary rule: ratio >= threshold (ties keep the smaller k);
-    threshold <= 0 -> 0; threshold >= 1 -> the number of non-zero eigenvalues; all-zero -> 0."""
-    lam = torch.sort(eigvals.clamp(min=0).double(), descending=True).values
-    total = lam.sum()
-    if total <= 0 or threshold <= 0:
-        return 0
-    if threshold >= 1:
-        return int((lam > 0).sum())
-    ratio = torch.cumsum(lam, 0) / total
-    return int((ratio < threshold).sum().item()) + 1
-
-
-def orthonormal_complement(U: torch.Tensor, d: int | None = None) -> torch.Tensor:
-    """Orthonormal basis of the complement of span(U). U: (d, k) -> (d, d - rank(U))."""
-    d = U.shape[0] if d is None else d
-    if U.numel() == 0 or U.shape[1] == 0:
-        return torch.eye(d, dtype=U.dtype, device=U.device)
-    Q, S, _ = torch.linalg.svd(U, full_matrices=True)                       # Q: (d, d)
-    rank = int((S > S.max() * max(U.shape) * torch.finfo(S.dtype).eps).sum())
-    return Q[:, rank:]                                                       # (d, d - rank)
-
-
-def projector(U: torch.Tensor) -> torch.Tensor:
-    """Orthogonal projector onto span(U) for U with orthonormal columns: P = U U^T, (d, d)."""
-    return U @ U.T
-
-
 def orthonormalize(U: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of span(U) (column order kept as far as possible). (d, k) -> (d, rank)."""
     if U.shape[1] == 0:
@@ -710,16 +638,14 @@ def orthonormalize(U: torch.Tensor) -> torch.Tensor:
     keep = R.diagonal().abs() > R.diagonal().abs().max() * max(U.shape) * torch.finfo(U.dtype).eps
     return Q[:, keep]
 
-
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: text features, zero-shot heads, evaluation ----
+# ---- 5. Evaluation (zero-shot heads, prompts) and the MTIL metrics, table and heatmap (ZSCL mtil/results.ipynb) ----
 # ---------------------------------------------------------------------------------------------
 
 
 def class_text_features(model: ClipView, classnames: list[str], template: str, device) -> torch.Tensor:
     """Normalised text features of one prompt per class (with grad: used in training). (C, embed)"""
     return model.encode_texts([template.format(c) for c in classnames], device, normalize=True)
-
 
 @torch.no_grad()
 def zeroshot_head(model: ClipView, classnames: list[str], templates: list[str], device,
@@ -731,22 +657,6 @@ def zeroshot_head(model: ClipView, classnames: list[str], templates: list[str], 
     feats = feats.view(len(classnames), len(templates), -1).mean(1)        # (C, embed)
     return F.normalize(feats, dim=-1).T                                     # (embed, C)
 
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def autocast(device: torch.device, amp: str):
-    """Autocast for `--amp fp16|bf16` on CUDA; a no-op for `off` and on the CPU (CPU runs are fp32)."""
-    if amp in AMP_DTYPES and device.type == "cuda":
-        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
-    return contextlib.nullcontext()
-
-
-def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 training on CUDA (as torch.amp's recipe); disabled (a pass-through) otherwise."""
-    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
-
-
 def eval_templates(templates: list[str], d: int, t: int, rule: str) -> list[str]:
     """The prompts of dataset d's zero-shot head in the accuracy row after task t (t = -1: the
     zero-shot row). rule: `ensemble` every template (ZSCL mtil/src/models/evaluation.py);
@@ -755,7 +665,6 @@ def eval_templates(templates: list[str], d: int, t: int, rule: str) -> list[str]
     if rule == "first" or (rule == "first-before" and d < t):
         return templates[:1]
     return list(templates)
-
 
 @torch.no_grad()
 def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int = 0,
@@ -776,18 +685,11 @@ def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int 
     model.train(was_training)
     return 100.0 * correct / max(n, 1)
 
-
 def evaluate_all(model: ClipView, tasks: list, args, device, t: int = -1) -> list[float]:
     """One row of the accuracy matrix after task t (-1: zero-shot): accuracy on every task of the
     benchmark, with the prompts of `--eval-prompts` (eval_templates) and the precision of `--amp`."""
     return [evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp, args.progress,
                      eval_templates(task.templates, d, t, args.eval_prompts)) for d, task in enumerate(tasks)]
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: MTIL metrics (ZSCL mtil/results.ipynb), table, heatmap ----
-# ---------------------------------------------------------------------------------------------
-
 
 def mtil_metrics(acc) -> dict:
     """ZSCL's Transfer / Average / Last for an accuracy matrix A[t, d] (rows = after task t,
@@ -810,12 +712,10 @@ def mtil_metrics(acc) -> dict:
             "average": float(np.mean(avg_d)), "last": float(np.mean(last_d)),
             "transfer_per_dataset": transfer_d, "average_per_dataset": avg_d, "last_per_dataset": last_d}
 
-
 def r1(x: float) -> str:
     """One decimal as ZSCL's results.ipynb rounds (np.around, half to even on the binary value
     times 10): 65.35 -> "65.4", where Python's format gives "65.3"."""
     return f"{np.around(x, 1):.1f}"
-
 
 def format_table(names: list[str], acc, zero_shot: list[float] | None = None) -> str:
     A = np.asarray(acc, dtype=float)
@@ -829,7 +729,6 @@ def format_table(names: list[str], acc, zero_shot: list[float] | None = None) ->
     m = mtil_metrics(A)
     lines.append(f"Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}")
     return "\n".join(lines)
-
 
 def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
     import matplotlib
@@ -852,9 +751,8 @@ def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
     plt.close(fig)
     os.replace(tmp, path)
 
-
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: the run folder (atomic writes, per-task checkpoint, resume) ----
+# ---- 6. The run folder (config.json, summary.json, atomic checkpoint, --resume) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -868,7 +766,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -881,16 +778,10 @@ def atomic_torch_save(obj, path: Path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def versions() -> dict:
     import torchvision
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "open_clip": open_clip.__version__}
-
-
-def trainable_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
 
 class Run:
     """The run folder of DESIGN.md. Files: config.json, acc_matrix.csv, acc_matrix.png,
@@ -1021,52 +912,3 @@ class Run:
                 m = mtil_metrics(v)
                 print(f"({k}: Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])})")
         print(f"run folder: {self.out}")
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: benchmark set-up shared by every script ----
-# ---------------------------------------------------------------------------------------------
-
-
-def check_data(args) -> None:
-    """Fail early (before loading any model) when MTIL data is missing: exit 2 with the list."""
-    import data
-    if args.benchmark == "mtil":
-        names = data.MTIL_ORDERS[args.order]  # every dataset is evaluated, even with --max-tasks
-        missing = data.mtil_missing(args.data_root, names)
-        if missing:
-            raise data.MissingDataError(missing)
-
-
-def load_tasks(args, model: ClipView, train_transform: str = "train", few_shot_once: bool = False) -> list:
-    """All the benchmark's tasks in training order, test splits with the eval transform, few-shot
-    subsets applied when --few-shot K > 0. --max-tasks limits training (`n_train_tasks`), not the
-    columns of the matrix. The methods' official codes differ in their training inputs:
-      train_transform  "train": ZSCL's RandomResizedCrop(scale 0.9-1) + flip-free CLIP
-                       preprocessing; "eval": the deterministic eval transform (KeepLoRA)
-      few_shot_once    the few-shot images are transformed once and kept (DAC, MoE-Adapters: they
-                       stack the transformed images into a TensorDataset), instead of on the fly."""
-    import data
-    if args.benchmark == "mtil":
-        tr, ev = data.clip_transforms(model.image_size)
-        tasks = data.mtil_tasks(args.data_root, args.order, ev if train_transform == "eval" else tr, ev)
-    else:
-        tasks = data.toy_tasks(args.order)
-    if args.few_shot:
-        for t in tasks:
-            t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
-            if few_shot_once:
-                t.train = data.transformed_once(t.train, seed=args.seed)
-    return tasks
-
-
-def n_train_tasks(args, tasks: list) -> int:
-    return min(len(tasks), args.max_tasks or len(tasks))
-
-
-def setup_model(args, device) -> ClipView:
-    """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it)."""
-    if args.quick_gelu == "auto":
-        args.quick_gelu = "on" if wants_quick_gelu(args.model, args.pretrained) else "off"
-    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
-                     quick_gelu=args.quick_gelu == "on")
