@@ -5,32 +5,11 @@ Paper:  Cui, Zhou et al., "iGSP: Implicit Gradient Subspace Projection for Effic
         Learning of Vision-Language Models", arXiv 2605.19301 (2026). Only the title and the
         abstract are public; GeoX-Lab/iGSP holds a README only (since renamed "iASP"). NO CODE.
 Base:   Yu et al., "Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts
-        Adapters", CVPR 2024, arXiv 2403.11549. Code JiazuoYu/MoE-Adapters4CL (mtil/, HEAD 4572d97),
+        Adapters", CVPR 2024, arXiv 2403.11549. Code JiazuoYu/MoE-Adapters4CL@4572d97 (mtil/),
         followed for everything MoE: bottleneck experts (64, scale 0.1, dropout 0.1, zero output at
         init) parallel to the MLP of every block of both encoders, reading the un-normalised
         residual stream; noisy top-2 gating on token 0; one router per task; 1000 iterations,
         batch 64, AdamW (wd 0), 100 warm-up steps then cosine, label smoothing 0.2, per-task lr.
-
-What is the paper's and what is ours:
-  THE PAPER'S WORDS (abstract): "leveraging the early convergence of MoE routers to establish the
-        subspace basis"; Phase 1 "Subspace Identification" introduces "candidate experts via basis
-        pre-expansion", applies a "subspace-constrained regularization" that "implicitly projects
-        new-task gradients onto the historical subspace", and "prunes redundant dimensions, treating
-        routing probabilities as gradient-flow indicators"; Phase 2 "Orthogonal Subspace
-        Fine-Tuning" "fixes the structural basis" and "removes the regularization" to fit the
-        "task-specific residual loss"; "task-agnostic deployment". Claims: -42.7% average trainable
-        and -86.9% final total parameters.
-  OURS (every formula and number below the abstract): M = 4 zero-output candidates per block and
-        encoder; historical experts frozen; regulariser Omega_sub = routing mass on candidates
-        (weight lambda_s = 0.1, toy 0.01: an expert's gradient is scaled by its gate, so moving mass to the
-        history moves gradient flow there); router convergence = top-k set of the window-mean
-        routing probabilities unchanged and total-variation change < 0.05 for 3 checks, T1 in
-        [10%, 30%] of the iterations; pruning = candidates whose mean routing probability is below
-        tau / n (tau = 1, toy 0.5) or never selected; Phase 2 = router frozen, survivors trained with a
-        soft orthogonality penalty on W_down against the history (lambda_o = 0.1, toy 0.001); survivors then
-        join the frozen history. Task-free inference: a per-task autoencoder on frozen CLIP image
-        features with a calibrated out-of-distribution threshold (instead of MoE-Adapters' AlexNet
-        DDAS, which needs extra weights), falling back to the untouched CLIP.
 
 Idea:   CLIP stays frozen. Every block gets a pool of small experts and, per task, a router that
         mixes two of them per sample. MoE-Adapters keeps a fixed pool of 22 experts and freezes the
@@ -39,18 +18,42 @@ Idea:   CLIP stays frozen. Every block gets a pool of small experts and, per tas
         the candidates the converged router still needs, and fine-tunes just those. At test time a
         selector picks the task router from the image, or CLIP itself for images of no seen task.
 
-Marked in the code (DEVIATION = against MoE-Adapters' code, CHOICE = where all sources are silent):
-  DEVIATION  task selector on CLIP features with per-task calibrated thresholds, decided per image
-             (DDAS: AlexNet features, one global threshold, a TinyImageNet reference AE, per batch:
-             `--select-per batch`); routers created per task instead of 11 pre-allocated ones
-             (the reported trainable count of `--variant moe-adapters` adds them back, as the code
-             counts them); few-shot subsets follow the code's rule (the first K images per class of
-             a shuffled pass, transformed once and kept) with another draw (the code's pass depends
-             on its torch RNG state).
-  CHOICE     toy defaults (lr, warm-up, bottleneck, selector width); choose_map counted per task;
-             Omega_orth averaged over blocks; fresh AdamW moments in Phase 2; gate noise stays on in
-             Phase 2; reported trainable = the larger phase + the task's selector autoencoder;
-             toy values of lambda_s, tau and lambda_o (measured; the MTIL defaults are the brief's).
+What the abstract says, and what is reconstructed:
+  abstract: "leveraging the early convergence of MoE routers to establish the subspace basis";
+        Phase 1 "Subspace Identification" introduces "candidate experts via basis pre-expansion",
+        applies a "subspace-constrained regularization" that "implicitly projects new-task
+        gradients onto the historical subspace", and "prunes redundant dimensions, treating routing
+        probabilities as gradient-flow indicators"; Phase 2 "Orthogonal Subspace Fine-Tuning"
+        "fixes the structural basis" and "removes the regularization" to fit the "task-specific
+        residual loss"; "task-agnostic deployment". Claims: -42.7% average trainable and -86.9%
+        final total parameters.
+  RECONSTRUCTED (every formula and number behind those words): M = 4 zero-output candidates per
+        block and encoder; historical experts frozen; regulariser Omega_sub = routing mass on the
+        candidates, weight lambda_s = 0.1 (an expert's gradient is scaled by its gate, so moving
+        mass to the history moves gradient flow there); router convergence = top-k set of the
+        window-mean routing probabilities unchanged and total-variation change < 0.05 for 3
+        checks, T1 in [10%, 30%] of the iterations; pruning = candidates whose mean routing
+        probability is below tau / n (tau = 1) or never selected; Phase 2 = router frozen,
+        survivors trained with a soft orthogonality penalty on W_down against the history
+        (lambda_o = 0.1); survivors then join the frozen history. Task-free inference: a per-task
+        autoencoder on frozen CLIP image features (2000 images per task) with a calibrated
+        out-of-distribution threshold (the 95% quantile of the task's own held-out error), falling
+        back to the untouched CLIP (it replaces MoE-Adapters' DDAS in both variants).
+
+Markers in the code:
+  # DEVIATION:      we differ from MoE-Adapters' code (the base of both variants):
+        the task selector on CLIP features with per-task calibrated thresholds, decided per image
+        (DDAS: AlexNet features, one global threshold, a TinyImageNet reference AE, per batch:
+        `--select-per batch`); routers created per task instead of 11 pre-allocated ones (the
+        reported trainable count of `--variant moe-adapters` adds them back, as the code counts
+        them); few-shot subsets follow the code's rule (the first K images per class of a shuffled
+        pass, transformed once and kept) with another draw (the code's pass depends on its torch
+        RNG state).
+  # CHOICE:         every source is silent: the toy defaults (measured, see notes/igsp.md);
+        choose_map counted per task.
+  # RECONSTRUCTED:  iGSP's own, in no source (the list above), and its details: Omega_orth
+        averaged over blocks; fresh AdamW moments in Phase 2; gate noise stays on in Phase 2;
+        reported trainable = the larger phase + the task's selector autoencoder.
 
 Run:    python igsp.py --benchmark toy                           # CPU, minutes
         python igsp.py --benchmark toy --variant moe-adapters    # the baseline
@@ -68,78 +71,98 @@ import torch.nn.functional as F
 import common
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---- PLUMBING: every default (MTIL | toy) and the arguments (common flags first, then the method's) ----
 # ---------------------------------------------------------------------------------------------
 
-# MoE-Adapters mtil/scripts/train/train_{full,few}_shot_router11_experts22_1000iters.sh (Order I;
-# no Order II lrs were released: each dataset keeps its Order-I lr).
+# MoE-Adapters' per-dataset lrs: mtil/scripts/train/train_{full,few}_shot_router11_experts22_1000iters.sh
+# (Order I; no Order II lrs were released: each dataset keeps its Order-I lr).
 _MTIL_NAMES = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST",
                "OxfordPet", "StanfordCars", "SUN397"]
-MTIL_DEFAULTS = {"iterations": 1000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "bottleneck": 64,
-                 "selector_hidden": 100, "lambda_s": 0.1, "prune_tau": 1.0, "lambda_o": 0.1,  # the brief's [ours]
-                 "lr_per_task": dict(zip(_MTIL_NAMES, [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3,
-                                                       1e-3]))}
-MTIL_FEW_SHOT = {"iterations": 500, "lr_per_task": dict(zip(_MTIL_NAMES, [8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2,
-                                                                           1e-4, 1e-2, 1e-2, 1e-2]))}
-# CHOICE: toy defaults, chosen by measurement (notes/igsp.md): finetune.py's budget (100 steps,
-# batch 64, 10 warm-up); lr 3e-2 (MoE-Adapters, own router, Sizes -> Textures -> Scenes: 85 / 78 / 97
-# at 3e-2, 83 / 77 / 88 at 1e-1; zero-shot 69 / 72 / 87; 1e-3 and 1e-2 learn clearly less);
-# bottleneck 16 (the toy widths are 64: 64 would be full rank); selector bottleneck 16 (64-d features).
-# lambda_s 0.01, tau 0.5, lambda_o 0.001 on toy (Order I, --oracle-eval; notes/igsp.md): with the
-# brief's 0.1 / 1 / 0.1 the regulariser prunes every candidate in most tasks and Omega_orth
-# dominates the Phase-2 loss (oracle Average / Last 78.6 / 78.9 against MoE-Adapters' 81.0 / 82.9
-# on the first tiny CLIP; 80.9 / 83.4 with these). The MTIL defaults stay the brief's.
-TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 3e-2, "warmup": 10, "bottleneck": 16, "selector_hidden": 16,
-                "lambda_s": 0.01, "prune_tau": 0.5, "lambda_o": 1e-3, "lr_per_task": {}}
+_LR_FULL_SHOT = dict(zip(_MTIL_NAMES, [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]))
+_LR_FEW_SHOT = dict(zip(_MTIL_NAMES, [8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 1e-4, 1e-2, 1e-2, 1e-2]))
+
+# name: (MTIL, toy). MTIL: JiazuoYu/MoE-Adapters4CL@4572d97 mtil/ ("scripts" = the two training
+# scripts above), or RECONSTRUCTED (iGSP's own values). toy: the MTIL value unless marked.
+DEFAULTS = {
+    # -- optimisation (both variants)
+    "iterations": (1000, 100),                  # scripts: --iterations 1000. toy: CHOICE: measured, see notes/igsp.md
+    "iterations_few_shot": (500, 100),          # few-shot script: --iterations 500 (toy: as full-shot)
+    "batch_size": (64, 64),                     # src/args.py --batch-size
+    "lr": (1e-3, 3e-2),                         # src/args.py --lr. toy: CHOICE: measured, see notes/igsp.md
+    "lr_per_task": (_LR_FULL_SHOT, {}),         # full-shot script: lr=(...)
+    "lr_per_task_few_shot": (_LR_FEW_SHOT, {}),  # few-shot script: lr=(...)
+    "warmup": (100, 10),                        # src/args.py --warmup_length. toy: CHOICE: measured, see notes/igsp.md
+    "label_smoothing": (0.2, 0.2),              # scripts: --ls 0.2
+    "weight_decay": (0.0, 0.0),                 # src/args.py --wd
+    # -- MoE-Adapters: experts and routers (clip/model.py, src/args.py)
+    "bottleneck": (64, 16),                     # --ffn_num 64. toy: CHOICE: measured, see notes/igsp.md
+    "adapter_scale": (0.1, 0.1),                # clip/model.py Adapter(adapter_scalar=0.1)
+    "adapter_dropout": (0.1, 0.1),              # clip/model.py Adapter(dropout=0.1)
+    "top_k": (2, 2),                            # src/args.py --topk
+    "experts": (22, 22),                        # moe-adapters: scripts num=22
+    "freeze_per_task": (2, 2),                  # moe-adapters: src/models/finetune.py, topk(choose_map, 2)
+    # -- iGSP: RECONSTRUCTED (every value; the toy ones marked)
+    "candidates": (4, 4),                       # M per block and encoder
+    "lambda_s": (0.1, 0.01),                    # Omega_sub weight. toy: CHOICE: measured, see notes/igsp.md
+    "prune_tau": (1.0, 0.5),                    # prune below tau / n. toy: CHOICE: measured, see notes/igsp.md
+    "lambda_o": (0.1, 1e-3),                    # Omega_orth weight. toy: CHOICE: measured, see notes/igsp.md
+    "t1_min": (0.1, 0.1),                       # earliest T1 (fraction of the iterations)
+    "t1_max": (0.3, 0.3),                       # latest T1
+    "check_every": (0.02, 0.02),                # convergence check period (fraction)
+    "window": (0.05, 0.05),                     # routing-statistics window (fraction)
+    "tv_tol": (0.05, 0.05),                     # total-variation tolerance
+    "patience": (3, 3),                         # stable checks needed
+    "phase2_router": ("frozen", "frozen"),      # abstract: "fixes the structural basis" (the router too)
+    # -- task selector (DDAS: src/models/AutoEncoder.py; ours is a DEVIATION, see TaskSelector)
+    "selector_hidden": (100, 16),               # Autoencoder(code_dims=100). toy: CHOICE: measured, see notes/igsp.md
+    "selector_steps": (300, 300),               # scripts: the chooser's --iterations 300
+    "selector_lr": (1e-2, 1e-2),                # exp_lr_scheduler(..., 0.01); Adam wd 1e-4
+    "selector_samples": (2000, 2000),           # RECONSTRUCTED: training images per task
+    "selector_quantile": (0.95, 0.95),          # RECONSTRUCTED: threshold = this quantile of the task's own error
+    "select_per": ("sample", "sample"),         # DEVIATION: DDAS decides per test batch
+    # -- precision and prompts (src/models/evaluation.py)
+    "amp": ("off", "off"),                      # fp32 training and evaluation
+    "eval_prompts": ("ensemble", "ensemble"),   # the template ensemble for every dataset
+}
 
 
 def parse_args(argv=None):
     p = common.common_parser("igsp", __doc__)
     g = p.add_argument_group("method")
     g.add_argument("--variant", choices=["igsp", "moe-adapters"], default="igsp")
-    g.add_argument("--label-smoothing", type=float, default=0.2)
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (MoE-Adapters: 100; toy 10)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--bottleneck", type=int, default=None, help="expert width r (MoE-Adapters: 64; toy 16)")
-    g.add_argument("--adapter-scale", type=float, default=0.1, help="s in E(x) = s * up(down(x))")
-    g.add_argument("--adapter-dropout", type=float, default=0.1)
-    g.add_argument("--top-k", type=int, default=2, help="experts mixed per sample")
-    g.add_argument("--experts", type=int, default=22, help="moe-adapters: fixed pool per block and encoder")
-    g.add_argument("--freeze-per-task", type=int, default=2, help="moe-adapters: most used experts frozen per task")
-    g.add_argument("--candidates", type=int, default=4, help="igsp: M candidates per block and encoder [ours]")
-    g.add_argument("--lambda-s", type=float, default=None,
-                   help="igsp: weight of Omega_sub in Phase 1 [ours: 0.1; toy 0.01]")
-    g.add_argument("--lambda-o", type=float, default=None,
-                   help="igsp: weight of Omega_orth in Phase 2 [ours: 0.1; toy 0.001]")
-    g.add_argument("--prune-tau", type=float, default=None,
-                   help="igsp: prune below tau / n (n = pool) [ours: 1; toy 0.5]")
-    g.add_argument("--t1-min", type=float, default=0.1, help="igsp: earliest T1, fraction of iterations [ours]")
-    g.add_argument("--t1-max", type=float, default=0.3, help="igsp: latest T1, fraction of iterations [ours]")
-    g.add_argument("--check-every", type=float, default=0.02, help="igsp: convergence check period (fraction)")
-    g.add_argument("--window", type=float, default=0.05, help="igsp: routing-statistics window (fraction)")
-    g.add_argument("--tv-tol", type=float, default=0.05, help="igsp: total-variation tolerance [ours]")
-    g.add_argument("--patience", type=int, default=3, help="igsp: stable checks needed [ours]")
-    g.add_argument("--phase2-router", choices=["frozen", "trained"], default="frozen",
-                   help="igsp: Phase 2 'fixes the structural basis' [ours: the router too]")
-    g.add_argument("--selector-hidden", type=int, default=None, help="autoencoder width (DDAS: 100; toy 16)")
-    g.add_argument("--selector-samples", type=int, default=2000, help="training images per task for the selector")
-    g.add_argument("--selector-steps", type=int, default=300, help="autoencoder steps (DDAS: 300)")
-    g.add_argument("--selector-lr", type=float, default=1e-2, help="Adam lr (DDAS: 0.01)")
-    g.add_argument("--selector-quantile", type=float, default=0.95,
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--bottleneck", type=int, help="expert width r")
+    g.add_argument("--adapter-scale", type=float, help="s in E(x) = s * up(down(x))")
+    g.add_argument("--adapter-dropout", type=float)
+    g.add_argument("--top-k", type=int, help="experts mixed per sample")
+    g.add_argument("--experts", type=int, help="moe-adapters: fixed pool per block and encoder")
+    g.add_argument("--freeze-per-task", type=int, help="moe-adapters: most used experts frozen per task")
+    g.add_argument("--candidates", type=int, help="igsp (RECONSTRUCTED): M candidates per block and encoder")
+    g.add_argument("--lambda-s", type=float, help="igsp (RECONSTRUCTED): weight of Omega_sub in Phase 1")
+    g.add_argument("--lambda-o", type=float, help="igsp (RECONSTRUCTED): weight of Omega_orth in Phase 2")
+    g.add_argument("--prune-tau", type=float, help="igsp (RECONSTRUCTED): prune below tau / n (n = pool)")
+    g.add_argument("--t1-min", type=float, help="igsp (RECONSTRUCTED): earliest T1, fraction of iterations")
+    g.add_argument("--t1-max", type=float, help="igsp (RECONSTRUCTED): latest T1, fraction of iterations")
+    g.add_argument("--check-every", type=float, help="igsp (RECONSTRUCTED): convergence check period (fraction)")
+    g.add_argument("--window", type=float, help="igsp (RECONSTRUCTED): routing-statistics window (fraction)")
+    g.add_argument("--tv-tol", type=float, help="igsp (RECONSTRUCTED): total-variation tolerance")
+    g.add_argument("--patience", type=int, help="igsp (RECONSTRUCTED): stable checks needed")
+    g.add_argument("--phase2-router", choices=["frozen", "trained"],
+                   help="igsp (RECONSTRUCTED): Phase 2 'fixes the structural basis', the router too (frozen)")
+    g.add_argument("--selector-hidden", type=int, help="autoencoder width")
+    g.add_argument("--selector-samples", type=int, help="training images per task for the selector")
+    g.add_argument("--selector-steps", type=int, help="autoencoder steps")
+    g.add_argument("--selector-lr", type=float, help="autoencoder Adam lr")
+    g.add_argument("--selector-quantile", type=float,
                    help="OOD threshold = this quantile of a task's own held-out reconstruction error")
-    g.add_argument("--select-per", choices=["sample", "batch"], default="sample",
+    g.add_argument("--select-per", choices=["sample", "batch"],
                    help="task choice per test image (DEVIATION), or per test batch as MoE-Adapters' DDAS does")
     g.add_argument("--oracle-eval", action="store_true",
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
-    # MoE-Adapters (models/evaluation.py): fp32, template ensemble for every dataset
-    args = common.finalize_args(p.parse_args(argv), "igsp", amp="off", eval_prompts="ensemble")
-    d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
-    args.warmup = d["warmup"] if args.warmup is None else args.warmup
-    args.bottleneck = args.bottleneck or d["bottleneck"]
-    args.selector_hidden = args.selector_hidden or d["selector_hidden"]
-    for name in ("lambda_s", "lambda_o", "prune_tau"):
-        if getattr(args, name) is None:
-            setattr(args, name, d[name])
+    args = p.parse_args(argv)
+    args = common.finalize_args(args, args.variant, DEFAULTS)     # the run's method: igsp | moe-adapters
     for name in ("bottleneck", "top_k", "experts", "candidates", "selector_hidden", "selector_samples"):
         if getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -148,15 +171,21 @@ def parse_args(argv=None):
     return args
 
 
-def task_hparams(args, name: str) -> tuple[int, int, float]:
-    """(iterations, batch size, lr) for a task: the flag if given, else MoE-Adapters' value."""
-    d = dict(MTIL_DEFAULTS, **(MTIL_FEW_SHOT if args.few_shot else {})) if args.benchmark == "mtil" else TOY_DEFAULTS
-    lr = args.lr if args.lr is not None else d["lr_per_task"].get(name, d["lr"])
-    return args.iterations or d["iterations"], args.batch_size or d["batch_size"], lr
+def hparams(args, task, t: int) -> common.HParams:
+    """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS (the
+    few-shot script's table with --few-shot)."""
+    d = common.defaults_for(args, DEFAULTS)
+    few = "_few_shot" if args.few_shot else ""
+    iterations = args.iterations or d["iterations" + few]
+    lr = args.lr if args.lr is not None else d["lr_per_task" + few].get(task.name, d["lr"])
+    return common.HParams(iterations, args.batch_size or d["batch_size"], lr,
+                          warmup=min(args.warmup, iterations // 2), schedule="warmup+cosine")
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: MoE-Adapters, experts and noisy top-k routers (mtil/clip/adapter.py, model.py) ----
+# ---- PAPER: MoE-Adapters, the base of both variants: experts, noisy top-k routers, attaching
+# ----        them to CLIP, freezing the most used experts (mtil/clip/adapter.py, clip/model.py,
+# ----        src/models/finetune.py) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -190,7 +219,7 @@ class MoEMLP(nn.Module):
         # DEVIATION: one router appended per task (MoE-Adapters pre-allocates 11); same function.
         self.W_g = nn.ParameterList()                               # one per task: (d, n_t), zeros
         self.W_noise = nn.ParameterList()                           # one per task: (d, n_t), zeros
-        self.n_hist = 0                                             # experts[:n_hist] = frozen history H
+        self.n_hist = 0                                             # experts[:n_hist] = frozen history H (igsp)
         self.route: int | None = None
         self.log: list | None = None                                # (p, g) of each forward while training
 
@@ -204,7 +233,7 @@ class MoEMLP(nn.Module):
         x0: (N, d) token 0. Returns sparse gates g (N, n) and dense probabilities p (N, n)."""
         W_g, W_noise = self.W_g[self.route], self.W_noise[self.route]
         h = x0 @ W_g.to(x0.dtype)                                   # clean logits (N, d) @ (d, n) -> (N, n)
-        p = h.float().softmax(-1)                                   # [ours] dense routing probabilities
+        p = h.float().softmax(-1)                                   # RECONSTRUCTED: dense probabilities (iGSP)
         logits = h
         if self.training:                                           # noise only while training (MTIL)
             sigma = F.softplus(x0 @ W_noise.to(x0.dtype)) + 1e-2    # (N, n)
@@ -231,9 +260,6 @@ class MoEMLP(nn.Module):
         return y.index_add(0, torch.cat(rows), torch.cat(outs).to(y.dtype))  # combine: y_b += sum_i g_bi E_i(x_b)
 
 
-# ---- PLUMBING: attaching the MoE to CLIP, routes, checkpoint state ----
-
-
 def attach_moe(model: common.ClipView, args) -> dict[str, MoEMLP]:
     """Every block of both encoders (MoE-Adapters `AdapterDoubleEncoder`). name -> MoEMLP."""
     moes = {}
@@ -256,57 +282,32 @@ def add_experts(m: MoEMLP, n: int, args) -> None:
         m.experts.append(Expert(m.d, args.bottleneck, args.adapter_scale, args.adapter_dropout, m.c_fc.weight.device))
 
 
-def moe_state(moes: dict[str, MoEMLP]) -> dict:
-    return {name: {"n_experts": len(m.experts), "n_hist": m.n_hist,
-                   "trainable": [e.up.weight.requires_grad for e in m.experts],
-                   "weights": {k: v for k, v in m.state_dict().items()
-                               if k.startswith(("experts.", "W_g.", "W_noise."))}}
-            for name, m in moes.items()}
-
-
-def load_moe_state(moes: dict[str, MoEMLP], state: dict, args) -> None:
-    for name, m in moes.items():
-        s = state[name]
-        add_experts(m, s["n_experts"], args)
-        for t in range(sum(k.startswith("W_g.") for k in s["weights"])):
-            m.add_router(s["weights"][f"W_g.{t}"].shape[1])
-        m.load_state_dict(s["weights"], strict=False)
-        m.n_hist = s["n_hist"]
-        for e, tr in zip(m.experts, s["trainable"]):
-            e.requires_grad_(tr)
-        for W in list(m.W_g) + list(m.W_noise):
-            W.requires_grad_(False)
+def freeze_most_used(m: MoEMLP, choose_map: torch.Tensor, k: int) -> None:
+    """moe-adapters after a task: freeze the k experts of this block selected most often (top-k
+    selection counts `choose_map`, src/models/finetune.py: topk(choose_map, 2))."""
+    for j in choose_map.topk(min(k, len(m.experts))).indices.tolist():
+        m.experts[j].requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER (iGSP abstract) + OURS: Phase 1 regulariser, router convergence, pruning, Phase 2 ----
+# ---- RECONSTRUCTED: iGSP's own parts (the abstract names them, every formula is ours): the
+# ----                Phase 1 regulariser Omega_sub, router convergence, pruning, Omega_orth ----
 # ---------------------------------------------------------------------------------------------
 
 
 def omega_sub(moes: dict[str, MoEMLP]) -> torch.Tensor:
-    """[abstract] "subspace-constrained regularization"; [ours] Omega_sub = mean over blocks and
-    encoders and over the batch of sum_{j in C} p_j(x), the dense routing mass on the candidates
+    """abstract: "subspace-constrained regularization". RECONSTRUCTED: Omega_sub = mean over blocks
+    and encoders and over the batch of sum_{j in C} p_j(x), the dense routing mass on the candidates
     C = experts[n_hist:]. Since dL/dtheta_j = g_j(x) J_j^T dL/dy, lowering the candidates' mass
     moves the update's gradient flow onto the historical experts (an implicit, soft projection)."""
     terms = [p[:, m.n_hist:].sum(-1).mean() for m in moes.values() for p, _ in m.log]  # each ()
     return torch.stack(terms).mean()
 
 
-def omega_orth(moes: dict[str, MoEMLP]) -> torch.Tensor:
-    """[abstract] "Orthogonal Subspace Fine-Tuning"; [ours] soft O-LoRA-style penalty, mean over
-    blocks and encoders of sum_{j in C, h in H} ||W_down,j W_down,h^T||_F^2."""
-    terms = []  # CHOICE: averaged over blocks like Omega_sub, so lambda_o does not grow with depth
-    for m in moes.values():
-        if 0 < m.n_hist < len(m.experts):
-            Wh = torch.cat([e.down.weight for e in m.experts[:m.n_hist]])   # (|H| r, d)
-            Wc = torch.cat([e.down.weight for e in m.experts[m.n_hist:]])   # (|C| r, d)
-            terms.append((Wc @ Wh.T).pow(2).sum())                          # (|C| r, |H| r) -> ()
-    return torch.stack(terms).sum() / len(moes) if terms else torch.zeros((), device=m.c_fc.weight.device)
-
-
 class RouterMonitor:
-    """[abstract] "early convergence of MoE routers"; [ours] per block and encoder, the batch-mean
-    routing probability p-bar and the top-k selection counts of every step (MoE-Adapters' choose_map)."""
+    """abstract: "early convergence of MoE routers". RECONSTRUCTED: per block and encoder, the
+    batch-mean routing probability p-bar and the top-k selection counts of every step (the latter
+    are MoE-Adapters' choose_map)."""
 
     def __init__(self, moes: dict[str, MoEMLP]):
         self.moes = moes
@@ -327,7 +328,7 @@ class RouterMonitor:
                 {n: torch.stack(v[-w:]).sum(0) for n, v in self.sel.items()})
 
     def converged(self, w: int, k: int, tol: float, patience: int) -> bool:
-        """[ours] stable = every block keeps its top-k set and moves < tol in total variation
+        """RECONSTRUCTED: stable = every block keeps its top-k set and moves < tol in total variation
         0.5 * ||pi_now - pi_prev||_1 since the previous check; converged after `patience` stable checks."""
         pi, _ = self.window(w)
         if self.prev is not None:
@@ -340,9 +341,9 @@ class RouterMonitor:
 
 
 def prune(m: MoEMLP, pi: torch.Tensor, sel: torch.Tensor, tau: float) -> int:
-    """[abstract] "prunes redundant dimensions, treating routing probabilities as gradient-flow
-    indicators"; [ours] delete candidate j when pi_j < tau / n or it was never in the top-k over the
-    window. Drops the expert and its column of the current router. Returns the candidates kept."""
+    """abstract: "prunes redundant dimensions, treating routing probabilities as gradient-flow
+    indicators". RECONSTRUCTED: delete candidate j when pi_j < tau / n or it was never in the top-k
+    over the window. Drops the expert and its column of the current router. Returns the candidates kept."""
     n = len(m.experts)
     keep = [j for j in range(n) if j < m.n_hist or (pi[j] >= tau / n and sel[j] > 0)]
     m.experts = nn.ModuleList(m.experts[j] for j in keep)
@@ -351,116 +352,21 @@ def prune(m: MoEMLP, pi: torch.Tensor, sel: torch.Tensor, tau: float) -> int:
     return len(keep) - m.n_hist
 
 
-# ---------------------------------------------------------------------------------------------
-# ---- PAPER (both variants): one task ----
-# ---------------------------------------------------------------------------------------------
-
-
-def begin_task(moes: dict[str, MoEMLP], t: int, args) -> None:
-    """igsp [abstract: "basis pre-expansion"; ours: M zero-output candidates after the frozen H];
-    moe-adapters: the fixed pool (created at task 1), frozen experts stay frozen. A new router."""
+def omega_orth(moes: dict[str, MoEMLP]) -> torch.Tensor:
+    """abstract: "Orthogonal Subspace Fine-Tuning". RECONSTRUCTED: a soft O-LoRA-style penalty, mean
+    over blocks and encoders of sum_{j in C, h in H} ||W_down,j W_down,h^T||_F^2."""
+    terms = []  # RECONSTRUCTED: averaged over blocks like Omega_sub, so lambda_o does not grow with depth
     for m in moes.values():
-        if args.variant == "igsp":
-            add_experts(m, args.candidates, args)                   # C_t after H = experts[:n_hist]
-        elif not m.experts:
-            add_experts(m, args.experts, args)
-        m.add_router(len(m.experts))                                # W_g^t, W_noise^t: zeros (d, n)
-        m.route = t
-
-
-def _loss(model, task, images, labels, args, device) -> torch.Tensor:
-    text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
-    img = model.encode_image(images, normalize=True)                # (N, e)
-    logits = model.logit_scale.exp() * img @ text.T                 # (N, C)
-    return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
-
-
-def train_task(model: common.ClipView, moes: dict[str, MoEMLP], task, t: int, args, device) -> dict:
-    iterations, batch_size, lr = task_hparams(args, task.name)
-    begin_task(moes, t, args)
-    batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
-                                                workers=args.workers, device=device))
-    warmup = min(args.warmup, iterations // 2)
-    frac = lambda f: max(1, round(f * iterations))                 # noqa: E731  fraction -> steps
-    w, every = frac(args.window), frac(args.check_every)
-    t1_min, t1_max = min(frac(args.t1_min), iterations), min(frac(args.t1_max), iterations)
-    is_igsp = args.variant == "igsp"
-    monitor = RouterMonitor(moes)
-    info = {"trainable_phase1": common.trainable_params(model)}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay)
-    phase, T1, loss_sum, done = 1, iterations, 0.0, 0
-    scaler = common.grad_scaler(device, args.amp)
-    model.train()
-    for m in moes.values():
-        m.log = []
-    for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
-        common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with common.autocast(device, args.amp):                     # off by default (MoE-Adapters: fp32)
-            loss = _loss(model, task, images, labels, args, device)
-            if is_igsp and phase == 1:
-                loss = loss + args.lambda_s * omega_sub(moes)       # Phase 1: L1 = CE + lambda_s Omega_sub [ours]
-            elif is_igsp:
-                loss = loss + args.lambda_o * omega_orth(moes)      # Phase 2: L2 = CE + lambda_o Omega_orth [ours]
-        common.check_finite(loss, task.name, step)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        loss_sum += loss.item()
-        monitor.record()
-        done = step + 1
-        if is_igsp and phase == 1 and done >= t1_min and (
-                done >= t1_max or (done % every == 0 and monitor.converged(w, args.top_k, args.tv_tol, args.patience))):
-            # ---- [abstract] end of Phase 1 at router convergence: prune, then fix the structure ----
-            T1, phase = done, 2
-            pi, sel = monitor.window(w)
-            info["kept"] = sum(prune(m, pi[n], sel[n], args.prune_tau) for n, m in moes.items())
-            # "fixes the structural basis"; CHOICE: gate noise stays on (training mode, as in Phase 1)
-            for m in moes.values():
-                m.W_g[t].requires_grad_(args.phase2_router == "trained")
-                m.W_noise[t].requires_grad_(args.phase2_router == "trained")
-            params = [p for p in model.parameters() if p.requires_grad]
-            info["trainable_phase2"] = sum(p.numel() for p in params)
-            if not params:                                          # every candidate pruned: nothing to fit
-                break
-            # CHOICE: fresh AdamW moments for Phase 2 (a new objective on a pruned parameter set).
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    for m in moes.values():
-        m.log = None
-    model.eval()
-    if is_igsp:
-        info.setdefault("kept", sum(len(m.experts) - m.n_hist for m in moes.values()))
-        info.setdefault("trainable_phase2", 0)
-        info["T1"] = T1
-    else:
-        info["usage"] = {n: torch.stack(v).sum(0) for n, v in monitor.sel.items()}  # choose_map of this task
-    info["loss"] = loss_sum / done
-    return info
-
-
-def after_task(model, moes: dict[str, MoEMLP], selector: "TaskSelector", task, t: int, info: dict, args,
-               device) -> None:
-    """igsp [ours]: the survivors join the frozen history H. moe-adapters: freeze the
-    `--freeze-per-task` most used experts of this task per block and encoder (top of choose_map).
-    Both: the task router is stored frozen, and the selector learns the task."""
-    for name, m in moes.items():
-        m.W_g[t].requires_grad_(False)
-        m.W_noise[t].requires_grad_(False)
-        if args.variant == "igsp":
-            m.experts.requires_grad_(False)
-            m.n_hist = len(m.experts)
-        else:
-            # CHOICE: usage counted over this task only (whether choose_map persists across the
-            # official per-task processes is not visible in the code).
-            for j in info["usage"][name].topk(min(args.freeze_per_task, len(m.experts))).indices.tolist():
-                m.experts[j].requires_grad_(False)
-    selector.fit(clip_features(model, moes, task.train, args, device), args)
+        if 0 < m.n_hist < len(m.experts):
+            Wh = torch.cat([e.down.weight for e in m.experts[:m.n_hist]])   # (|H| r, d)
+            Wc = torch.cat([e.down.weight for e in m.experts[m.n_hist:]])   # (|C| r, d)
+            terms.append((Wc @ Wh.T).pow(2).sum())                          # (|C| r, |H| r) -> ()
+    return torch.stack(terms).sum() / len(moes) if terms else torch.zeros((), device=m.c_fc.weight.device)
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- OURS: task-free inference (replaces MoE-Adapters' DDAS) ----
+# ---- RECONSTRUCTED: task-free inference (abstract: "task-agnostic deployment"); both variants,
+# ----                a DEVIATION from MoE-Adapters' DDAS ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -470,7 +376,8 @@ class TaskSelector(nn.Module):
     err_t(f) / theta_t, or to the untouched CLIP (-1) when every ratio exceeds 1.
     DEVIATION: CLIP features instead of an ImageNet AlexNet (no extra weights to download), and a
     per-task threshold theta_t = a quantile of the task's own held-out error instead of DDAS's one
-    global MSE threshold 0.0655 (which is on AlexNet's scale), with no TinyImageNet reference AE."""
+    global MSE threshold 0.0655 (which is on AlexNet's scale), with no TinyImageNet reference AE;
+    a linear decoder (DDAS ends in a Sigmoid, as it reconstructs sigmoid-squashed AlexNet features)."""
 
     def __init__(self):
         super().__init__()
@@ -478,7 +385,7 @@ class TaskSelector(nn.Module):
         self.theta: list[float] = []
 
     @staticmethod
-    def new_ae(e: int, h: int, device) -> nn.Module:                # DDAS: Linear+ReLU, Linear
+    def new_ae(e: int, h: int, device) -> nn.Module:                # DDAS: Linear+ReLU, Linear+Sigmoid
         return nn.Sequential(nn.Linear(e, h), nn.ReLU(), nn.Linear(h, e)).to(device)
 
     def errors(self, f: torch.Tensor) -> torch.Tensor:              # (N, e) -> (N, T) reconstruction MSE
@@ -537,8 +444,8 @@ def clip_features(model, moes: dict[str, MoEMLP], ds, args, device) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate_all(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: list, t: int, args, device,
-                 oracle: bool = False) -> tuple[list[float], list[float]]:
+def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: list, t: int, args, device,
+                       oracle: bool = False) -> tuple[list[float], list[float]]:
     """One row of the accuracy matrix with task-free routing: each test image gets the selector's
     task router (or CLIP), that router's image feature and that router's text head for the
     dataset's classes. Also, per dataset, the selector's accuracy (%): a seen dataset d <= t
@@ -575,7 +482,7 @@ def evaluate_all(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: 
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: parameter accounting, main (setup, loop over tasks, evaluate, save) ----
+# ---- PLUMBING: parameter accounting ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -600,62 +507,234 @@ def _mean(v: list[float]):
     return round(sum(v) / len(v), 2) if v else None
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.pick_device(args.device)
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: setup (data, CLIP, the method's state between tasks) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def init_method(model: common.ClipView, args, n_tasks: int) -> dict:
+    """The method's state before task 1: the MoE attached to the frozen CLIP (route None: exactly
+    CLIP) and an empty selector; `n_tasks`, the benchmark's task count (MoE-Adapters' reported
+    count). "choose_map" (moe-adapters) and "report" are what train_task hands to after_task and
+    evaluate for the task in progress (rebuilt every task, not checkpointed)."""
+    return {"moes": attach_moe(model, args), "selector": TaskSelector(), "n_tasks": n_tasks,
+            "choose_map": {}, "report": {}}
+
+
+def setup(args, device):
+    """Check the data, load CLIP and the tasks, attach the MoE and the task selector."""
     common.check_data(args)
     model = common.setup_model(args, device)
     # MoE-Adapters: few-shot images transformed once and kept. DEVIATION: the subset is the code's
     # rule (first K per class of a shuffled pass) drawn from --seed, not from the code's RNG state.
     tasks = common.load_tasks(args, model, few_shot_once=True)
-    names = [t.name for t in tasks]
-    run = common.Run(args.variant, args, names)
-    moes = attach_moe(model, args)                                  # route None: exactly CLIP
-    selector = TaskSelector()
-    if run.state is not None:
-        load_moe_state(moes, run.state["moe"], args)
-        selector.load(run.state["selector"], device)
-    if run.zero_shot is None:
-        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
-        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
-    for t in range(run.start_task, common.n_train_tasks(args, tasks)):
-        run.begin_task(t)
-        t0 = time.time()
-        info = train_task(model, moes, tasks[t], t, args, device)
-        t1 = time.time()
-        after_task(model, moes, selector, tasks[t], t, info, args, device)
-        after_s = time.time() - t1
-        row, sel = evaluate_all(model, moes, selector, tasks, t, args, device)
-        n = param_counts(moes, selector)
+    return model, tasks, init_method(model, args, len(tasks))
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: one task: MoE-Adapters' training loop (both variants), iGSP's two phases
+# ----        (RECONSTRUCTED) inside it ----
+# ---------------------------------------------------------------------------------------------
+
+
+def begin_task(moes: dict[str, MoEMLP], t: int, args) -> None:
+    """igsp (abstract: "candidate experts via basis pre-expansion"; RECONSTRUCTED: M zero-output
+    candidates after the frozen H); moe-adapters: the fixed pool (created at task 1), frozen
+    experts stay frozen. Both: a new router."""
+    for m in moes.values():
+        if args.variant == "igsp":
+            add_experts(m, args.candidates, args)                   # C_t after H = experts[:n_hist]
+        elif not m.experts:
+            add_experts(m, args.experts, args)
+        m.add_router(len(m.experts))                                # W_g^t, W_noise^t: zeros (d, n)
+        m.route = t
+
+
+def _loss(model, task, images, labels, args, device) -> torch.Tensor:
+    text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+    img = model.encode_image(images, normalize=True)                # (N, e)
+    logits = model.logit_scale.exp() * img @ text.T                 # (N, C)
+    return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+
+
+def train_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """moe-adapters: CE on the unfrozen experts + the task's router. igsp: Phase 1 (candidates +
+    router, CE + lambda_s Omega_sub) until the router converged (T1), pruning, then Phase 2 (the
+    survivors, CE + lambda_o Omega_orth)."""
+    t_start = time.time()
+    moes, hp, is_igsp = method["moes"], hparams(args, task, t), args.variant == "igsp"
+    begin_task(moes, t, args)
+    batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
+                                                workers=args.workers, device=device))
+    frac = lambda f: max(1, round(f * hp.iterations))              # noqa: E731  fraction -> steps
+    w, every = frac(args.window), frac(args.check_every)
+    t1_min, t1_max = min(frac(args.t1_min), hp.iterations), min(frac(args.t1_max), hp.iterations)
+    monitor = RouterMonitor(moes)
+    info = {"trainable_phase1": common.trainable_params(model)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.lr,
+                            weight_decay=args.weight_decay)
+    phase, T1, loss_sum, done = 1, hp.iterations, 0.0, 0
+    scaler = common.grad_scaler(device, args.amp)
+    model.train()
+    for m in moes.values():
+        m.log = []
+    for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
+        common.set_lr(opt, common.cosine_lr(step, hp.lr, hp.warmup, hp.iterations))
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with common.autocast(device, args.amp):                     # off by default (MoE-Adapters: fp32)
+            loss = _loss(model, task, images, labels, args, device)
+            if is_igsp and phase == 1:                              # RECONSTRUCTED: L1 = CE + lambda_s Omega_sub
+                loss = loss + args.lambda_s * omega_sub(moes)
+            elif is_igsp:                                           # RECONSTRUCTED: L2 = CE + lambda_o Omega_orth
+                loss = loss + args.lambda_o * omega_orth(moes)
+        common.check_finite(loss, task.name, step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss.item()
+        monitor.record()
+        done = step + 1
+        if is_igsp and phase == 1 and done >= t1_min and (
+                done >= t1_max or (done % every == 0 and monitor.converged(w, args.top_k, args.tv_tol, args.patience))):
+            # ---- end of Phase 1 at router convergence: prune, then fix the structure ----
+            T1, phase = done, 2
+            pi, sel = monitor.window(w)
+            info["candidates_kept"] = sum(prune(m, pi[n], sel[n], args.prune_tau) for n, m in moes.items())
+            # abstract: "fixes the structural basis"; RECONSTRUCTED: gate noise stays on (training mode)
+            for m in moes.values():
+                m.W_g[t].requires_grad_(args.phase2_router == "trained")
+                m.W_noise[t].requires_grad_(args.phase2_router == "trained")
+            params = [p for p in model.parameters() if p.requires_grad]
+            info["trainable_phase2"] = sum(p.numel() for p in params)
+            if not params:                                          # every candidate pruned: nothing to fit
+                break
+            # RECONSTRUCTED: fresh AdamW moments for Phase 2 (a new objective on a pruned parameter set).
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=args.weight_decay)
+    for m in moes.values():
+        m.log = None
+    model.eval()
+    if is_igsp:
+        info.setdefault("candidates_kept", sum(len(m.experts) - m.n_hist for m in moes.values()))
+        info.setdefault("trainable_phase2", 0)
+        info.update(T1=T1, candidates=args.candidates * len(moes))
+    else:
+        method["choose_map"] = {n: torch.stack(v).sum(0) for n, v in monitor.sel.items()}  # this task's
+    info.update(loss=loss_sum / done, train_seconds=round(time.time() - t_start, 1))
+    method["report"] = dict(info)
+    return info
+
+
+def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """igsp (RECONSTRUCTED): the survivors join the frozen history H. moe-adapters: freeze the
+    `--freeze-per-task` most used experts of this task per block and encoder (top of choose_map).
+    Both: the task router is stored frozen, and the selector learns the task. Returns the task's
+    parameter counts (the reported trainable count includes the selector's new autoencoder)."""
+    t_start = time.time()
+    moes, selector, report = method["moes"], method["selector"], method["report"]
+    for name, m in moes.items():
+        m.W_g[t].requires_grad_(False)
+        m.W_noise[t].requires_grad_(False)
+        if args.variant == "igsp":
+            m.experts.requires_grad_(False)
+            m.n_hist = len(m.experts)
+        else:
+            # CHOICE: usage counted over this task only (whether choose_map persists across the
+            # official per-task processes is not visible in the code).
+            freeze_most_used(m, method["choose_map"][name], args.freeze_per_task)
+    selector.fit(clip_features(model, moes, task.train, args, device), args)
+    seconds = time.time() - t_start
+    n = param_counts(moes, selector)
+    if args.variant == "igsp":
+        # RECONSTRUCTED: trainable = the larger phase + the task's selector autoencoder
         ae = sum(p.numel() for p in selector.aes[t].parameters())
-        if args.variant == "igsp":
-            # CHOICE: trainable = the larger phase + the task's selector autoencoder
-            trainable = max(info["trainable_phase1"], info.get("trainable_phase2", 0)) + ae
-        else:
-            trainable = moe_adapters_trainable(info["trainable_phase1"], moes, t, len(tasks))
-        extra = {"trainable": trainable, "trainable_phase1": info["trainable_phase1"], "total_params": n["total"],
-                 "expert_params": n["experts"], "router_params": n["routers"], "selector_params": n["selector"],
-                 "experts_per_block": round(sum(len(m.experts) for m in moes.values()) / len(moes), 2),
-                 "selector_acc_seen": _mean(sel[:t + 1]), "selector_fallback_unseen": _mean(sel[t + 1:]),
-                 "train_seconds": round(t1 - t0, 1), "after_task_seconds": round(after_s, 1)}
-        if args.variant == "igsp":
-            extra.update(T1=info["T1"], candidates_kept=info["kept"], candidates=args.candidates * len(moes),
-                         trainable_phase2=info["trainable_phase2"])
-            what = f"T1 {info['T1']}  kept {info['kept']}/{args.candidates * len(moes)}"
-        else:
-            extra["frozen_experts"] = sum(not e.up.weight.requires_grad for m in moes.values() for e in m.experts)
-            what = f"frozen {extra['frozen_experts']}/{args.experts * len(moes)}"
-        if args.oracle_eval:
-            extra["acc_oracle"] = evaluate_all(model, moes, selector, tasks, t, args, device, oracle=True)[0]
-        run.finish_task(t, row, {"moe": moe_state(moes), "selector": selector.state()}, trainable, extra)
-        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {info['loss']:.3f}  {what}  trainable {trainable:,}  "
-              f"total {n['total']:,}  selector {extra['selector_acc_seen']}/{extra['selector_fallback_unseen']}  "
-              f"{time.time() - t0:.0f}s | " + "  ".join(f"{a:.1f}" for a in row), flush=True)
+        trainable = max(report["trainable_phase1"], report["trainable_phase2"]) + ae
+    else:
+        trainable = moe_adapters_trainable(report["trainable_phase1"], moes, t, method["n_tasks"])
+    info = {"trainable_params": trainable, "trainable": trainable, "total_params": n["total"],
+            "expert_params": n["experts"], "router_params": n["routers"], "selector_params": n["selector"],
+            "experts_per_block": round(sum(len(m.experts) for m in moes.values()) / len(moes), 2),
+            "after_task_seconds": round(seconds, 1)}
+    if args.variant != "igsp":
+        info["frozen_experts"] = sum(not e.up.weight.requires_grad for m in moes.values() for e in m.experts)
+    report.update(info)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: evaluation, checkpoint, main (setup, loop over tasks, evaluate, save) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
+    """t = -1: the zero-shot row of the untouched CLIP (no route). t >= 0: the task-free row (each
+    test image routed by the selector), the selector's accuracy on seen datasets and its CLIP
+    fallback rate on unseen ones, with --oracle-eval the row with the true task identity
+    (acc_oracle), and the task's note."""
+    moes, selector = method["moes"], method["selector"]
+    if t < 0:
+        set_route(moes, None)
+        return common.evaluate_all(model, tasks, args, device, t), {}
+    row, sel = evaluate_task_free(model, moes, selector, tasks, t, args, device)
+    info = {"selector_acc_seen": _mean(sel[:t + 1]), "selector_fallback_unseen": _mean(sel[t + 1:])}
+    if args.oracle_eval:
+        info["acc_oracle"] = evaluate_task_free(model, moes, selector, tasks, t, args, device, oracle=True)[0]
+    r = method["report"]
+    what = (f"T1 {r['T1']}  kept {r['candidates_kept']}/{r['candidates']}" if args.variant == "igsp"
+            else f"frozen {r['frozen_experts']}/{args.experts * len(moes)}")
+    info["note"] = (f"{what}  trainable {r['trainable']:,}  total {r['total_params']:,}  "
+                    f"selector {info['selector_acc_seen']}/{info['selector_fallback_unseen']}")
+    return row, info
+
+
+def moe_state(moes: dict[str, MoEMLP]) -> dict:
+    return {name: {"n_experts": len(m.experts), "n_hist": m.n_hist,
+                   "trainable": [e.up.weight.requires_grad for e in m.experts],
+                   "weights": {k: v for k, v in m.state_dict().items()
+                               if k.startswith(("experts.", "W_g.", "W_noise."))}}
+            for name, m in moes.items()}
+
+
+def load_moe_state(moes: dict[str, MoEMLP], state: dict, args) -> None:
+    for name, m in moes.items():
+        s = state[name]
+        add_experts(m, s["n_experts"], args)
+        for t in range(sum(k.startswith("W_g.") for k in s["weights"])):
+            m.add_router(s["weights"][f"W_g.{t}"].shape[1])
+        m.load_state_dict(s["weights"], strict=False)
+        m.n_hist = s["n_hist"]
+        for e, tr in zip(m.experts, s["trainable"]):
+            e.requires_grad_(tr)
+        for W in list(m.W_g) + list(m.W_noise):
+            W.requires_grad_(False)
+
+
+def checkpoint(model: common.ClipView, method: dict) -> dict:
+    return {"moe": moe_state(method["moes"]), "selector": method["selector"].state()}
+
+
+def restore(model: common.ClipView, method: dict, state: dict, args, device) -> None:
+    load_moe_state(method["moes"], state["moe"], args)
+    method["selector"].load(state["selector"], device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    model, tasks, method = setup(args, device)
+    run = common.Run(args, tasks, [hparams(args, task, t) for t, task in enumerate(tasks)])
+    if run.state is not None:                                       # --resume: after the last finished task
+        restore(model, method, run.state, args, device)
+    if run.zero_shot is None:
+        run.set_zero_shot(*evaluate(model, method, tasks, -1, args, device))
+    for t in range(run.start_task, run.n_train):
+        run.begin_task(t)                                           # seeds (seed, t): resumable
+        info = train_task(model, method, tasks[t], t, args, device)
+        info.update(after_task(model, method, tasks[t], t, args, device))
+        row, more = evaluate(model, method, tasks, t, args, device)
+        run.finish_task(t, row, checkpoint(model, method), {**info, **more})
     run.print_final()
-    if args.oracle_eval and run.extra.get("acc_oracle"):
-        m = common.mtil_metrics(run.extra["acc_oracle"])
-        print(f"(oracle task identity: Transfer {m['transfer']:.1f}   Average {m['average']:.1f}   "
-              f"Last {m['last']:.1f})")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Paper:  Fa, Duan, Zhang, Qi, Yang, Shi, "Decomposing and Composing: Towards Efficient
         Vision-Language Continual Learning via Rank-1 Expert Pool in a Single LoRA", AAAI 2026,
         arXiv 2601.22828.
-Code:   Fazhan-cs/DAC (commit bb1e2c0, mtil/src/models/alora.py, loralib/layers.py,
-        loralib/utils.py, lrbmutil.py, scripts/train/train.sh); we follow the code where it and
-        the paper's words differ (the paper's variants are flags).
+Code:   Fazhan-cs/DAC@bb1e2c0: mtil/src/models/alora.py (the training loop),
+        mtil/src/models/loralib/layers.py (the pool), mtil/src/models/loralib/utils.py (the merge),
+        mtil/src/models/lrbmutil.py (AGO, the loss), mtil/scripts/train/train.sh (the protocol);
+        we follow the code where it and the paper's words differ (the paper's variants are flags).
 
 Idea:   Every adapted Linear (q, k, v, out, c_fc, c_proj in every block of both encoders) gets a
         rank-r LoRA read as r rank-1 experts E_i = B[:, i] A[i, :] (r = 12). A router reads token 0
@@ -53,52 +54,65 @@ import torch.nn.functional as F
 import common
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---- PLUMBING: every default (MTIL | toy) and the arguments (common flags first, then the method's) ----
 # ---------------------------------------------------------------------------------------------
 
-# Official defaults (train.sh, alora.py): 5-shot, 500 iterations, batch 32, lr 2e-3 (Order I);
-# Order II lrs from the commented list in train.sh (2e-3 unless listed).
-MTIL_DEFAULTS = {"few_shot": 5, "iterations": 500, "batch_size": 32, "lr": 2e-3,
-                 "lr_per_task": {"I": {}, "II": {"MNIST": 1e-3, "Aircraft": 3e-3, "EuroSAT": 1e-3, "CIFAR100": 3e-3}}}
-# CHOICE: full-shot MTIL (`--few-shot 0`) is not in the code; 1000 iterations is the ZSCL /
-# MoE-Adapters convention for full data (research brief, section 6 #9).
-MTIL_FULL_SHOT_ITERATIONS = 1000
-# CHOICE: toy defaults, chosen by measurement (order I, Transfer/Average/Last; zero-shot 76.5/78.9/78.9):
-# full data, 150 steps, lr 2e-3: 75.8/78.9/79.0; 5-shot: 75.0/77.5/77.8; lr 5e-3: 71.2/76.0/77.0;
-# 500 steps: 68.1/74.3/75.4 (the pool learns the task, merging 4 of 8 experts loses it and more).
-TOY_DEFAULTS = {"few_shot": 0, "iterations": 150, "batch_size": 32, "lr": 2e-3, "lr_per_task": {}}
+# name: (MTIL, toy). MTIL: the official code, Fazhan-cs/DAC@bb1e2c0 (file:function on each line).
+# toy: CHOICE: measured, see notes/rank1_pool.md (method flags keep the official values).
+DEFAULTS = {
+    "few_shot": (5, 0),                      # mtil/scripts/train/train.sh: --few_shot=5; 0 = full data
+    "iterations": (500, 150),                # mtil/scripts/train/train.sh: --iterations 500
+    # CHOICE: full data (--few-shot 0) is not in the code: the ZSCL / MoE-Adapters convention of 1000
+    # iterations for full data (Thunderbeee/ZSCL:mtil/scripts/finetune.sh, JiazuoYu/MoE-Adapters4CL@4572d97:
+    # mtil/scripts/train/train_full_shot_router11_experts22_1000iters.sh)
+    "iterations_full_shot": (1000, 150),
+    "batch_size": (32, 32),                  # mtil/scripts/train/train.sh: --batch-size 32
+    "lr": (2e-3, 2e-3),                      # mtil/scripts/train/train.sh: lr (Order I: 2e-3 for every task)
+    "lr_per_task": ({"I": {}, "II": {"MNIST": 1e-3, "Aircraft": 3e-3, "EuroSAT": 1e-3, "CIFAR100": 3e-3}},
+                    {}),                     # by order; mtil/scripts/train/train.sh: Order II lrs, its commented list
+    "rank": (12, 12),                        # mtil/scripts/train/train.sh: --r 12 (pool size r)
+    "top_k": (8, 8),                         # mtil/src/models/loralib/layers.py:LinearLoRA.forward: k = 8
+    "merge_k": (4, 4),                       # mtil/src/models/loralib/utils.py:merge_lora_back_to_original_all: topk = 4
+    "alpha": (1.0, 1.0),                     # mtil/src/args.py:parse_arguments: --alpha 1
+    "dropout": (0.2, 0.2),                   # mtil/src/args.py:parse_arguments: --dropout_rate 0.2
+    "towers": (["visual", "text"], ["visual", "text"]),  # mtil/src/args.py:parse_arguments: --encoder both
+    "router": ("fixed", "fixed"),            # mtil/src/models/loralib/layers.py:LinearLoRA.forward: experts summed, no gate
+    "ago": ("code", "code"),                 # mtil/src/models/lrbmutil.py:compute_orthogonal_loss
+    "ago_lambda": (0.1, 0.1),                # mtil/src/models/alora.py:alora: loss + o_loss * 0.1
+    "weight_decay": (0.01, 0.01),            # mtil/src/models/alora.py:alora: AdamW weight_decay 1e-2
+    "eta_min": (1e-6, 1e-6),                 # mtil/src/models/alora.py:alora: CosineAnnealingLR eta_min 1e-6
+    "template": ("random", "random"),        # mtil/src/datasets/collections.py:ClassificationDataset.template
+    "amp": ("off", "off"),                   # mtil/src/models/alora.py:alora: fp32 training and evaluation
+    "eval_prompts": ("ensemble", "ensemble"),  # mtil/src/models/evaluation.py:zeroshot_classifier: every template
+}
 
 
 def parse_args(argv=None):
     p = common.common_parser("rank1_pool", __doc__)
-    p.set_defaults(few_shot=None)  # resolved below: 5 on mtil (the code), TOY_DEFAULTS on toy; 0 = full data
+    p.set_defaults(few_shot=None)  # filled from DEFAULTS: 5 on mtil (the code), the toy value on toy; 0 = full data
     g = p.add_argument_group("method", "--few-shot defaults to 5 on mtil (official code), "
-                             f"{TOY_DEFAULTS['few_shot']} on toy; --few-shot 0 = full data")
-    g.add_argument("--rank", type=int, default=12, help="pool size r = LoRA rank (train.sh --r 12)")
-    g.add_argument("--top-k", type=int, default=8, help="experts active per step, R (layers.py k = 8)")
-    g.add_argument("--merge-k", type=int, default=4,
-                   help="experts merged per module and task, = AGO's critical set (utils.py topk = 4)")
-    g.add_argument("--alpha", type=float, default=1.0, help="LoRA scale alpha / r (args.py: alpha 1)")
-    g.add_argument("--dropout", type=float, default=0.2, help="dropout on the LoRA input (args.py)")
-    g.add_argument("--towers", nargs="+", choices=["visual", "text"], default=["visual", "text"],
-                   help="encoders that get pools (train.sh: both)")
-    g.add_argument("--router", choices=["fixed", "learned"], default="fixed",
+                             f"{DEFAULTS['few_shot'][1]} on toy; --few-shot 0 = full data")
+    g.add_argument("--rank", type=int, help="pool size r = LoRA rank")
+    g.add_argument("--top-k", type=int, help="experts active per step, R")
+    g.add_argument("--merge-k", type=int, help="experts merged per module and task, = AGO's critical set")
+    g.add_argument("--alpha", type=float, help="LoRA scale alpha / r")
+    g.add_argument("--dropout", type=float, help="dropout on the LoRA input")
+    g.add_argument("--towers", nargs="+", choices=["visual", "text"], help="encoders that get pools")
+    g.add_argument("--router", choices=["fixed", "learned"],
                    help="fixed = the code (no gradient reaches the router); learned = gate-weighted variant")
-    g.add_argument("--ago", choices=["code", "paper", "off"], default="code",
+    g.add_argument("--ago", choices=["code", "paper", "off"],
                    help="code: |<b_t, b_s>| summed over all earlier B columns; paper: earlier top --merge-k "
                         "columns, 1/(mn); off: no AGO")
-    g.add_argument("--ago-lambda", type=float, default=0.1, help="AGO weight lambda (alora.py: 0.1)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (alora.py)")
-    g.add_argument("--eta-min", type=float, default=1e-6, help="cosine schedule floor (alora.py)")
-    g.add_argument("--template", choices=["random", "first"], default="random",
+    g.add_argument("--ago-lambda", type=float, help="AGO weight lambda")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--eta-min", type=float, help="cosine schedule floor")
+    g.add_argument("--template", choices=["random", "first"],
                    help="training prompt: one template drawn per task as the code draws it "
                         "(python random seeded with --seed, one randint) or templates[0]")
     g.add_argument("--eval-before-merge", action="store_true",
                    help="also evaluate the current task with the routed pool before merging (extra)")
-    # the code (evaluation.py): fp32, template ensemble for every dataset
-    args = common.finalize_args(p.parse_args(argv), "rank1_pool", amp="off", eval_prompts="ensemble")
-    if args.few_shot is None:
-        args.few_shot = (MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS)["few_shot"]
+    args = common.finalize_args(p.parse_args(argv), "rank1_pool", DEFAULTS)
+    args.towers = list(args.towers)                                  # a copy, never the DEFAULTS list
     if not 1 <= args.top_k <= args.rank or not 1 <= args.merge_k <= args.rank:
         raise common.UserError(f"need 1 <= --top-k, --merge-k <= --rank ({args.rank}), "
                                f"got {args.top_k}, {args.merge_k}")
@@ -107,18 +121,19 @@ def parse_args(argv=None):
     return args
 
 
-def task_hparams(args, name: str) -> tuple[int, int, float]:
-    """(iterations, batch size, lr) for a task: the flag if given, else the official value."""
-    d = MTIL_DEFAULTS if args.benchmark == "mtil" else TOY_DEFAULTS
-    lr = args.lr if args.lr is not None else d["lr_per_task"].get(args.order, {}).get(name, d["lr"])
-    iterations = d["iterations"]
-    if args.benchmark == "mtil" and args.few_shot == 0:
-        iterations = MTIL_FULL_SHOT_ITERATIONS
-    return args.iterations or iterations, args.batch_size or d["batch_size"], lr
+def hparams(args, task, t: int) -> common.HParams:
+    """Task t's iterations, batch size and lr: the flag if given, else DEFAULTS (the order's lr
+    table; full data uses "iterations_full_shot"). Cosine from lr to --eta-min, no warm-up
+    (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/alora.py:alora, CosineAnnealingLR)."""
+    d = common.defaults_for(args, DEFAULTS)
+    lr = args.lr if args.lr is not None else d["lr_per_task"].get(args.order, {}).get(task.name, d["lr"])
+    iterations = d["iterations_full_shot"] if args.few_shot == 0 else d["iterations"]
+    return common.HParams(args.iterations or iterations, args.batch_size or d["batch_size"], lr,
+                          warmup=0, schedule="cosine")
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: the rank-1 expert pool in one LoRA (layers.py LinearLoRA) ----
+# ---- PAPER: the rank-1 expert pool in one LoRA (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/loralib/layers.py:LinearLoRA) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -144,7 +159,7 @@ class RankOnePool(nn.Module):
         dev = base.weight.device
         self.r, self.k, self.scaling, self.learned_router = r, k, alpha / r, learned_router
         self.A = nn.Parameter(torch.empty(r, d_in, device=dev))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))                     # loralib init
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))                     # LoRALayer.init_lora_param
         self.B = nn.Parameter(torch.zeros(d_out, r, device=dev))
         # DEVIATION: requires_grad only for the learned variant (the code's fixed router is in the
         # optimiser but never gets a gradient, so AdamW never touches it: same updates).
@@ -195,13 +210,14 @@ def pool_param_count(pools: dict[str, RankOnePool]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: Activation-Guided Orthogonality (lrbmutil.compute_orthogonal_loss) ----
+# ---- PAPER: Activation-Guided Orthogonality (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/lrbmutil.py:compute_orthogonal_loss) ----
 # ---------------------------------------------------------------------------------------------
 
 
 def ago_reference(experts: list[dict], args, device) -> dict[str, torch.Tensor]:
     """P_l: earlier tasks' B columns per module, concatenated: name -> (d_out, m).
-    code: all r columns of every earlier B (the code's top-4 mask tests a key that never exists);
+    code: all r columns of every earlier B (the top-4 mask of Fazhan-cs/DAC@bb1e2c0:
+    mtil/src/models/lrbmutil.py:load_lora_weights tests a key that never exists);
     paper: only each earlier task's critical (merged) columns, top --merge-k by its counts."""
     P = {}
     for E in experts:
@@ -225,41 +241,45 @@ def ago_loss(pools: dict[str, RankOnePool], P: dict[str, torch.Tensor], n_critic
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: training one task (alora.py; loss lrbmutil.clip_loss) ----
+# ---- PAPER: training one task (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/alora.py:alora) ----
 # ---------------------------------------------------------------------------------------------
 
 
 def training_template_index(templates: list[str], args) -> int:
-    """The code (datasets/collections.py `template`, read once in alora.py): every task runs in a
-    new process that seeds python's `random` with --seed (utils.seed_all) and then draws
+    """The code (Fazhan-cs/DAC@bb1e2c0:mtil/src/datasets/collections.py:ClassificationDataset.template,
+    read once in mtil/src/models/alora.py:alora): every task runs in a new process that seeds
+    python's `random` with --seed (mtil/src/utils.py:seed_all) and then draws
     random.randint(0, len(templates) - 1) once, before anything else uses `random`."""
     return random.Random(args.seed).randint(0, len(templates) - 1) if args.template == "random" else 0
 
 
 def multi_positive_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric contrastive loss with soft targets G_nm = 1[y_n = y_m] / #{m: y_m = y_n}.
-    logits: (N, N) text x image."""
+    """Symmetric contrastive loss with soft targets G_nm = 1[y_n = y_m] / #{m: y_m = y_n}
+    (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/lrbmutil.py:clip_loss). logits: (N, N) text x image."""
     G = (labels[:, None] == labels[None, :]).float()                         # (N, N)
     G = G / G.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, G) + F.cross_entropy(logits.T, G.T))
 
 
-def train_task(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[str, torch.Tensor], task, t: int,
-               args, device) -> tuple[float, float]:
-    iterations, batch_size, lr = task_hparams(args, task.name)
+def train_pools(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[str, torch.Tensor], task, t: int,
+                args, device) -> tuple[float, float]:
+    """The training loop of one task on the attached pools; P: the AGO reference (ago_reference).
+    Returns the mean loss and the mean L_AGO over the steps."""
+    hp = hparams(args, task, t)
+    iterations, batch_size, lr = hp.iterations, hp.batch_size, hp.lr
     params = [p for p in model.parameters() if p.requires_grad]               # A, B (+ routers if learned)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     # CHOICE: drop_last (the code's few-shot loader) only when the set holds a full batch.
     batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, drop_last=len(task.train) >= batch_size,
                                                 device=device))
-    template = task.templates[training_template_index(task.templates, args)]  # one prompt per task (alora.py)
+    template = task.templates[training_template_index(task.templates, args)]  # one prompt per task (alora)
     scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = ago_sum = 0.0
     # DEVIATION: `iterations` steps (the code's loop runs iterations + 1).
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
-        # CosineAnnealingLR(T_max = iterations, eta_min = 1e-6), no warm-up (alora.py)
+        # CosineAnnealingLR(T_max = iterations, eta_min = 1e-6), no warm-up (alora)
         common.set_lr(opt, args.eta_min + (lr - args.eta_min) * (1 + math.cos(math.pi * step / iterations)) / 2)
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -283,7 +303,7 @@ def train_task(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[st
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PAPER: after the task, merge the top experts and drop the pool (utils.py) ----
+# ---- PAPER: after the task, merge the top experts and drop the pool (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/loralib/utils.py:merge_lora_back_to_original_all) ----
 # ---------------------------------------------------------------------------------------------
 
 
@@ -300,7 +320,7 @@ def merge_experts(model: common.ClipView, E: dict[str, dict], args) -> None:
         W += (B[:, K] @ A[K, :]) * (args.alpha / args.rank)                  # (d_out, k_m) @ (k_m, d_in)
 
 
-def after_task(model: common.ClipView, pools: dict[str, RankOnePool], args) -> dict[str, dict]:
+def merge_pools(model: common.ClipView, pools: dict[str, RankOnePool], args) -> dict[str, dict]:
     """Unwrap every pool back to its plain nn.Linear (CLIP's architecture again), then merge the
     top experts. Returns this task's A, B and counts (saved as the code saves <dataset>.pt; B is
     the AGO reference of later tasks; resume replays the merges from the pristine weights)."""
@@ -312,44 +332,93 @@ def after_task(model: common.ClipView, pools: dict[str, RankOnePool], args) -> d
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: main (setup, loop over tasks, evaluate, save) ----
+# ---- PLUMBING: setup (data, CLIP, the method's state between tasks) ----
 # ---------------------------------------------------------------------------------------------
+
+
+def setup(args, device):
+    """Check the data, load CLIP and the tasks. The state between tasks is the list of finished
+    tasks' experts ({"experts": [E_1, E_2, ...]}, E = name -> A, B, counts): their merges are
+    in the weights, their B columns are the AGO reference. The pools themselves are drawn in
+    train_task, after Run.begin_task seeded (seed, t)."""
+    common.check_data(args)
+    model = common.setup_model(args, device)
+    # the code: few-shot images transformed once and kept. DEVIATION: the subset is the code's rule
+    # (first K per class of a shuffled pass) drawn from --seed, not from the code's torch RNG state.
+    return model, common.load_tasks(args, model, few_shot_once=True), {"experts": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PAPER: one task: a fresh pool, AGO against earlier tasks, training; then the merge ----
+# ---------------------------------------------------------------------------------------------
+
+
+def train_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """A fresh pool on every adapted Linear (its Kaiming A and router drawn from this task's
+    seed), AGO against the earlier tasks' B columns, the training loop. The live pools stay in
+    method["pools"] until after_task merges them."""
+    pools = attach_pools(model, args)
+    method["pools"] = pools
+    trainable = common.trainable_params(model)                              # A and B (+ routers if learned)
+    P = ago_reference(method["experts"], args, device)
+    loss, l_ago = train_pools(model, pools, P, task, t, args, device)
+    info = {"loss": loss, "trainable_params": trainable, "params_with_routers": pool_param_count(pools),
+            "ago_loss": l_ago}
+    if P and args.ago != "off":
+        info["note"] = f"AGO loss {l_ago:.3g} (mean over the steps, weight {args.ago_lambda})"
+    return info
+
+
+def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """Optionally evaluate the task with the routed pool (--eval-before-merge), then unwrap the
+    pools, merge this task's top experts and keep its experts for AGO and resume."""
+    info = {}
+    if args.eval_before_merge:
+        info["acc_before_merge"] = common.evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp)
+    t1 = time.time()
+    method["experts"].append(merge_pools(model, method.pop("pools"), args))
+    info["merge_seconds"] = round(time.time() - t1, 3)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- PLUMBING: evaluation, checkpoint, main (setup, loop over tasks, evaluate, save) ----
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
+    """The accuracy row after task t (t = -1: zero-shot): plain CLIP with the merged weights, every
+    dataset's zero-shot head (no router, no task id)."""
+    return common.evaluate_all(model, tasks, args, device, t), {}
+
+
+def checkpoint(model: common.ClipView, method: dict) -> dict:
+    """Every finished task's experts (A, B, counts on CPU): resume replays their merges."""
+    return {"experts": method["experts"]}
+
+
+def restore(model: common.ClipView, method: dict, state: dict, args, device) -> None:
+    """Replay the finished tasks' merges on the pristine weights, in order."""
+    method["experts"] = list(state["experts"])
+    for E in method["experts"]:
+        merge_experts(model, E, args)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = common.pick_device(args.device)
-    common.check_data(args)
-    model = common.setup_model(args, device)
-    # the code: few-shot images transformed once and kept. DEVIATION: the subset is the code's rule
-    # (first K per class of a shuffled pass) drawn from --seed, not from the code's torch RNG state.
-    tasks = common.load_tasks(args, model, few_shot_once=True)
-    names = [t.name for t in tasks]
-    run = common.Run("rank1_pool", args, names)
-    experts: list[dict] = [] if run.state is None else run.state["experts"]
-    for E in experts:                                            # resume: replay the merges, in order
-        merge_experts(model, E, args)
+    model, tasks, method = setup(args, device)
+    run = common.Run(args, tasks, [hparams(args, task, t) for t, task in enumerate(tasks)])
+    if run.state is not None:                                       # --resume: after the last finished task
+        restore(model, method, run.state, args, device)
     if run.zero_shot is None:
-        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
-        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
-    for t in range(run.start_task, common.n_train_tasks(args, tasks)):
-        run.begin_task(t)
-        t0 = time.time()
-        pools = attach_pools(model, args)
-        trainable = common.trainable_params(model)
-        extra = {"params_with_routers": pool_param_count(pools)}
-        loss, l_ago = train_task(model, pools, ago_reference(experts, args, device), tasks[t], t, args, device)
-        extra["ago_loss"] = l_ago
-        if args.eval_before_merge:
-            extra["acc_before_merge"] = common.evaluate(model, tasks[t], device, args.eval_batch_size, args.workers,
-                                                        args.amp)
-        t1 = time.time()
-        experts.append(after_task(model, pools, args))
-        extra["merge_seconds"] = round(time.time() - t1, 3)
-        row = common.evaluate_all(model, tasks, args, device, t)
-        run.finish_task(t, row, {"experts": experts}, trainable, extra)
-        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  ago {l_ago:.3g}  {time.time() - t0:.0f}s | "
-              + "  ".join(f"{a:.1f}" for a in row), flush=True)
+        run.set_zero_shot(*evaluate(model, method, tasks, -1, args, device))
+    for t in range(run.start_task, run.n_train):
+        run.begin_task(t)                                           # seeds (seed, t): resumable
+        info = train_task(model, method, tasks[t], t, args, device)
+        info.update(after_task(model, method, tasks[t], t, args, device))
+        row, more = evaluate(model, method, tasks, t, args, device)
+        run.finish_task(t, row, checkpoint(model, method), {**info, **more})
     run.print_final()
 
 

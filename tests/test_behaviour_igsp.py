@@ -247,7 +247,8 @@ def test_phase2_router_frozen_only_candidates_train(monkeypatch):
     model = _clip()
     args = _args("--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0", "--lr", "0.05")
     assert args.phase2_router == "frozen"
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
+    moes = method["moes"]
     snap, real_prune = {}, igsp.prune
 
     def prune(m, *a):
@@ -258,7 +259,7 @@ def test_phase2_router_frozen_only_candidates_train(monkeypatch):
 
     monkeypatch.setattr(igsp, "prune", prune)
     common.seed_all(0)
-    info = igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+    info = igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert info["T1"] == 3 and len(snap) == len(moes)
     assert any(s[0].abs().sum() > 0 for s in snap.values()), "the router must train in Phase 1"
     for name, m in moes.items():
@@ -275,7 +276,8 @@ def test_phase2_router_trained_flag_changes_router(monkeypatch):
     model = _clip()
     args = _args("--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0", "--lr", "0.05",
                  "--phase2-router", "trained")
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
+    moes = method["moes"]
     snap, real_prune = {}, igsp.prune
 
     def prune(m, *a):
@@ -285,7 +287,7 @@ def test_phase2_router_trained_flag_changes_router(monkeypatch):
 
     monkeypatch.setattr(igsp, "prune", prune)
     common.seed_all(0)
-    igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+    igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert any(not torch.equal(m.W_g[0], snap[m]) for m in moes.values()), "--phase2-router trained: W_g must train"
 
 
@@ -296,9 +298,10 @@ def test_T1_between_bounds_and_at_checks(monkeypatch, converged, check_every, wa
     model = _clip()
     args = _args("--iterations", "10", "--t1-min", "0.2", "--t1-max", "0.6", "--check-every", check_every,
                  "--prune-tau", "0")
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
+    moes = method["moes"]
     common.seed_all(0)
-    info = igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+    info = igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert info["T1"] == want_T1, f"converged={converged} check_every={check_every}: T1 {info['T1']} != {want_T1}"
 
 
@@ -307,7 +310,8 @@ def test_pruning_uses_window_statistics(monkeypatch):
     over the last `window` steps, recorded here independently from the gates."""
     model = _clip()
     args = _args("--iterations", "10", "--t1-min", "0.5", "--t1-max", "0.5", "--window", "0.3", "--prune-tau", "1")
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
+    moes = method["moes"]
     stats = {n: [] for n in moes}
     real_gate, real_prune = igsp.MoEMLP.gate, igsp.prune
     seen = {}
@@ -331,9 +335,9 @@ def test_pruning_uses_window_statistics(monkeypatch):
     monkeypatch.setattr(igsp.MoEMLP, "gate", gate)
     monkeypatch.setattr(igsp, "prune", prune)
     common.seed_all(0)
-    info = igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+    info = igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert set(seen) == set(moes) and set(seen.values()) == {5}, f"pruned after {seen} steps, want T1 = 5"
-    assert info["kept"] == sum(len(m.experts) - m.n_hist for m in moes.values())
+    assert info["candidates_kept"] == sum(len(m.experts) - m.n_hist for m in moes.values())
 
 
 @pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
@@ -343,7 +347,8 @@ def test_reported_loss_composition(monkeypatch, variant):
     model = _clip()
     args = _args("--variant", variant, "--experts", "4", "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0",
                  "--lambda-s", "0.5", "--lambda-o", "0.25")
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
+    moes = method["moes"]
     ce, total, real_loss = [], [], igsp._loss
 
     def loss(*a):
@@ -356,7 +361,7 @@ def test_reported_loss_composition(monkeypatch, variant):
     monkeypatch.setattr(igsp, "omega_orth", lambda moes: torch.tensor(8.0))
     monkeypatch.setattr(common, "check_finite", lambda loss, task, step: total.append(loss.item()))
     common.seed_all(0)
-    info = igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+    info = igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert len(ce) == 6
     if variant == "igsp":
         want = [c + (0.5 * 2.0 if s < 3 else 0.25 * 8.0) for s, c in enumerate(ce)]
@@ -393,14 +398,14 @@ def test_lr_schedule_every_step(variant, iterations, warmup, want_warmup):
     args = _args("--variant", variant, "--experts", "4", "--iterations", str(iterations), "--warmup", str(warmup),
                  "--lr", "0.01", "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0")
     assert args.weight_decay == 0.0
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 1)
     seen = []
     handle = register_optimizer_step_pre_hook(
         lambda opt, a, k: seen.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups])
         if isinstance(opt, torch.optim.AdamW) else None)
     try:
         common.seed_all(0)
-        igsp.train_task(model, moes, _task("A", 1), 0, args, CPU)
+        igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     finally:
         handle.remove()
     T, w, lr = iterations, want_warmup, 0.01
@@ -416,14 +421,13 @@ def test_clip_weights_and_logit_scale_never_change(variant):
     model = _clip()
     args = _args("--variant", variant, "--experts", "4", "--lr", "0.1", "--t1-min", "0.5", "--t1-max", "0.5",
                  "--prune-tau", "0")
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 2)
     before = _clip_params(model)
     assert "clip.logit_scale" in before
-    selector = igsp.TaskSelector()
     for t in range(2):
         common.seed_all(t)
-        info = igsp.train_task(model, moes, _task(f"T{t}", t), t, args, CPU)
-        igsp.after_task(model, moes, selector, _task(f"T{t}", t), t, info, args, CPU)
+        igsp.train_task(model, method, _task(f"T{t}", t), t, args, CPU)
+        igsp.after_task(model, method, _task(f"T{t}", t), t, args, CPU)
     after = _clip_params(model)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert not changed, f"{variant}: CLIP's own weights changed: {changed[:5]}"
@@ -438,7 +442,8 @@ def test_moe_adapters_freezes_most_used_experts_counted_independently(monkeypatc
     model = _clip()
     args = _args("--variant", "moe-adapters", "--experts", "6", "--freeze-per-task", str(freeze), "--lr", "0.05")
     assert args.top_k == 2
-    moes = igsp.attach_moe(model, args)
+    method = igsp.init_method(model, args, 2)
+    moes = method["moes"]
     counts = {}
     real_gate = igsp.MoEMLP.gate
 
@@ -449,17 +454,16 @@ def test_moe_adapters_freezes_most_used_experts_counted_independently(monkeypatc
         return g, p
 
     monkeypatch.setattr(igsp.MoEMLP, "gate", gate)
-    selector = igsp.TaskSelector()
     frozen_prev = {n: set() for n in moes}
     snaps = []
     for t in range(2):
         counts.clear()
         common.seed_all(t)
-        info = igsp.train_task(model, moes, _task(f"T{t}", t), t, args, CPU)
+        info = igsp.train_task(model, method, _task(f"T{t}", t), t, args, CPU)
         want = sum(p.numel() for n, m in moes.items() for j, e in enumerate(m.experts) if j not in frozen_prev[n]
                    for p in e.parameters()) + sum(m.W_g[t].numel() + m.W_noise[t].numel() for m in moes.values())
         assert info["trainable_phase1"] == want, f"task {t}: trainable = unfrozen experts + this task's router only"
-        igsp.after_task(model, moes, selector, _task(f"T{t}", t), t, info, args, CPU)
+        igsp.after_task(model, method, _task(f"T{t}", t), t, args, CPU)
         for name, m in moes.items():
             assert len(m.experts) == 6 and m.W_g[t].shape[1] == 6, f"{name}: the pool stays 6 experts"
             frozen = {j for j, e in enumerate(m.experts) if not any(p.requires_grad for p in e.parameters())}
@@ -493,14 +497,14 @@ def test_moe_adapters_freezes_most_used_experts_counted_independently(monkeypatc
 def test_igsp_pool_grows_by_survivors_and_history_frozen():
     model = _clip()
     args = _args("--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0", "--candidates", "3")
-    moes = igsp.attach_moe(model, args)
-    selector = igsp.TaskSelector()
+    method = igsp.init_method(model, args, 2)
+    moes = method["moes"]
     for t in range(2):
         common.seed_all(t)
         sizes = {n: len(m.experts) for n, m in moes.items()}
-        info = igsp.train_task(model, moes, _task(f"T{t}", t), t, args, CPU)
-        igsp.after_task(model, moes, selector, _task(f"T{t}", t), t, info, args, CPU)
-        assert info["kept"] == sum(len(m.experts) - sizes[n] for n, m in moes.items())
+        info = igsp.train_task(model, method, _task(f"T{t}", t), t, args, CPU)
+        igsp.after_task(model, method, _task(f"T{t}", t), t, args, CPU)
+        assert info["candidates_kept"] == sum(len(m.experts) - sizes[n] for n, m in moes.items())
         per = {n: sum(p.numel() for p in m.experts[0].parameters()) for n, m in moes.items()}
         want = sum(3 * per[n] + 2 * m.d * (sizes[n] + 3) for n, m in moes.items())
         assert info["trainable_phase1"] == want, f"task {t}: Phase 1 trains the 3 candidates + this task's router only"
@@ -598,7 +602,7 @@ def test_selector_threshold_is_quantile_of_own_heldout_error():
 
 
 def test_task_free_evaluation_routes_each_image(monkeypatch):
-    """evaluate_all: each test image gets the router the selector picked (or CLIP for -1): that
+    """evaluate_task_free: each test image gets the router the selector picked (or CLIP for -1): that
     router's image feature and that router's text head; oracle = the true task for seen datasets,
     CLIP for unseen ones. A stand-in model whose features and heads depend on the route; the
     test labels are the predictions of the expected routing, so any other routing loses accuracy."""
@@ -639,11 +643,11 @@ def test_task_free_evaluation_routes_each_image(monkeypatch):
     stub = Stub()
     for task in tasks:
         stub.i = 0
-        row, sel = igsp.evaluate_all(model, moes, stub, [relabel(task, routes)], 1, args, CPU)
+        row, sel = igsp.evaluate_task_free(model, moes, stub, [relabel(task, routes)], 1, args, CPU)
         assert row[0] == 100.0, f"{task.name}: per-image routing {routes} not followed (accuracy {row[0]})"
         assert sel[0] == pytest.approx(100.0 * (pick == 0).float().mean().item()), "selector acc vs target task 0"
     oracle = [relabel(task, [d if d <= 1 else None] * 8) for d, task in enumerate(tasks)]
-    row, _ = igsp.evaluate_all(model, moes, stub, oracle, 1, args, CPU, oracle=True)
+    row, _ = igsp.evaluate_task_free(model, moes, stub, oracle, 1, args, CPU, oracle=True)
     assert row == [100.0] * 3, f"oracle: seen dataset d must use router d, unseen ones CLIP (accuracies {row})"
     assert blk.route is None, "evaluation must leave the route at CLIP"
 
@@ -664,10 +668,14 @@ def test_mtil_hparams_per_dataset(order):
     flags = igsp.parse_args(["--order", order, "--no-progress", "--iterations", "7", "--batch-size", "5",
                              "--lr", "0.5"])
     assert sorted(data.MTIL_ORDERS[order]) == sorted(FULL_LR)
-    for name in data.MTIL_ORDERS[order]:
-        assert igsp.task_hparams(full, name) == (1000, 64, FULL_LR[name]), f"full-shot {name}"
-        assert igsp.task_hparams(few, name) == (500, 64, FEW_LR[name]), f"few-shot {name}"
-        assert igsp.task_hparams(flags, name) == (7, 5, 0.5), f"flags must win ({name})"
+    for t, name in enumerate(data.MTIL_ORDERS[order]):
+        task = SimpleNamespace(name=name)
+        assert igsp.hparams(full, task, t) == common.HParams(1000, 64, FULL_LR[name], 100, "warmup+cosine"), \
+            f"full-shot {name}"
+        assert igsp.hparams(few, task, t) == common.HParams(500, 64, FEW_LR[name], 100, "warmup+cosine"), \
+            f"few-shot {name}"
+        assert igsp.hparams(flags, task, t) == common.HParams(7, 5, 0.5, 3, "warmup+cosine"), \
+            f"flags must win, warm-up at most half the iterations ({name})"
     for a in (full, few):
         got = {k: getattr(a, k) for k in ("label_smoothing", "weight_decay", "warmup", "experts", "top_k",
                                           "freeze_per_task", "bottleneck", "adapter_scale", "adapter_dropout")}
@@ -683,8 +691,11 @@ def test_mtil_hparams_per_dataset(order):
 
 def test_toy_hparams():
     a = igsp.parse_args(["--benchmark", "toy", "--no-progress"])
-    for name in data.TOY_ORDERS["I"]:
-        assert igsp.task_hparams(a, name) == (100, 64, 3e-2), name
+    few = igsp.parse_args(["--benchmark", "toy", "--few-shot", "5", "--no-progress"])
+    for t, name in enumerate(data.TOY_ORDERS["I"]):
+        want = common.HParams(100, 64, 3e-2, 10, "warmup+cosine")
+        assert igsp.hparams(a, SimpleNamespace(name=name), t) == want, name
+        assert igsp.hparams(few, SimpleNamespace(name=name), t) == want, f"toy few-shot: the toy values ({name})"
     assert (a.warmup, a.bottleneck, a.selector_hidden) == (10, 16, 16)
     assert (a.lambda_s, a.prune_tau, a.lambda_o) == (0.01, 0.5, 1e-3)
 

@@ -310,16 +310,16 @@ def test_counts_are_the_sum_of_every_training_batch_votes_and_eval_adds_none(tin
     tiny_clip.eval()                                                         # as after an evaluation
     calls = {name: record_routes(p) for name, p in pools.items()}
     task = fake_task([0, 1, 2, 0, 1, 2, 0, 1], 3)
-    R.train_task(tiny_clip, pools, {}, task, 0, args, CPU)
+    R.train_pools(tiny_clip, pools, {}, task, 0, args, CPU)
     for name, p in pools.items():
         assert len(calls[name]) == iters, f"{name}: routed {len(calls[name])} times in {iters} steps"
         assert all(c[2] for c in calls[name]), \
-            f"{name}: train_task must run its steps in training mode (the model entered in eval mode)"
+            f"{name}: train_pools must run its steps in training mode (the model entered in eval mode)"
         total = torch.stack([c[0] for c in calls[name]]).sum(0)
         assert torch.equal(p.counts, total), \
             f"{name}: counts {p.counts.tolist()} != sum of the {iters} batches' votes {total.tolist()}"
         assert int(total.sum()) == iters * 4 * args.top_k
-    assert not tiny_clip.training, "train_task must leave the model in eval mode"
+    assert not tiny_clip.training, "train_pools must leave the model in eval mode"
     before = {n: p.counts.clone() for n, p in pools.items()}
     with torch.no_grad():
         tiny_clip.encode_image(torch.randn(2, 3, 32, 32))
@@ -369,16 +369,22 @@ def test_after_task_unwraps_to_plain_linear_and_merges_add_up_over_tasks(tiny_cl
     args = toy_args("--rank", "6", "--top-k", "4", "--merge-k", "3", "--alpha", "2")
     W0 = {n: l.weight.detach().clone() for n, l in tiny_clip.layers(proj=False).items()}
     expect = {n: w.clone() for n, w in W0.items()}
+    method = {"experts": []}                                                 # as setup builds it
     for t in range(2):
         merged = tiny_clip.layers(proj=False)
         pools = R.attach_pools(tiny_clip, args)
+        method["pools"] = pools                                              # as train_task leaves it
         for n, p in pools.items():
             assert p.B.abs().sum() == 0 and p.counts.sum() == 0, f"task {t}: {n} must start a fresh pool"
             assert p.base is merged[n], f"task {t}: {n}'s pool must wrap the merged layer"
         fill_pools(pools, seed=t)
         for p in pools.values():
             p.counts[torch.tensor([4, 1])] = 10**6                          # 2 set apart, then the rest by rank
-        E = R.after_task(tiny_clip, pools, args)
+        info = R.after_task(tiny_clip, method, None, t, args, CPU)
+        assert "pools" not in method, f"task {t}: after_task must drop the live pools"
+        assert len(method["experts"]) == t + 1, f"task {t}: after_task must append this task's experts"
+        assert set(info) == {"merge_seconds"}, f"task {t}: after_task info {sorted(info)}"
+        E = method["experts"][-1]
         for n, p in pools.items():
             K = stable_top(p.counts, 3)
             expect[n] = expect[n] + (2 / 6) * p.B.detach()[:, K] @ p.A.detach()[K]
@@ -414,7 +420,7 @@ def test_one_step_loss_is_clip_loss_plus_lambda_ago_from_the_second_task_on(tiny
     if case != "first-task":                                                 # one earlier task, merged
         pools = R.attach_pools(tiny_clip, args)
         fill_pools(pools, seed=10, b_scale=0.5)
-        experts.append(R.after_task(tiny_clip, pools, args))
+        experts.append(R.merge_pools(tiny_clip, pools, args))
     P = R.ago_reference(experts, args, CPU)
     pools = R.attach_pools(tiny_clip, args)
     fill_pools(pools, seed=11, b_scale=0.05)                                 # a pool mid-task: B != 0
@@ -434,7 +440,7 @@ def test_one_step_loss_is_clip_loss_plus_lambda_ago_from_the_second_task_on(tiny
         l_ago = ref_ago(pools, experts, mode, 2) if experts else 0.0
     for n, p in pools.items():
         p.counts.copy_(counts0[n])
-    loss, ago = R.train_task(tiny_clip, pools, P, task, len(experts), args, CPU)
+    loss, ago = R.train_pools(tiny_clip, pools, P, task, len(experts), args, CPU)
     if case in ("code", "paper"):
         assert l_ago > 0
         assert ago == pytest.approx(l_ago, rel=1e-4), f"--ago {mode}: returned L_AGO {ago} != recomputed {l_ago}"
@@ -462,7 +468,7 @@ def test_each_step_prompts_every_sample_with_its_class_and_one_template_per_task
         images.append(x.detach().clone())
         return enc_i(x, normalize=normalize)
     tiny_clip.encode_texts, tiny_clip.encode_image = rec_texts, rec_images
-    R.train_task(tiny_clip, pools, {}, task, 0, args, CPU)
+    R.train_pools(tiny_clip, pools, {}, task, 0, args, CPU)
     assert len(texts) == len(images) == 3, \
         f"expected one text and one image batch per step, got {len(texts)}, {len(images)}"
     used = set()
@@ -497,7 +503,7 @@ def test_adamw_on_a_and_b_only_with_cosine_lr_to_eta_min_set_every_step(tiny_cli
     ab = {id(t) for p in pools.values() for t in (p.A, p.B)}
     assert trainable == ab, "only the pools' A and B may require grad (routers, CLIP weights, logit_scale frozen)"
     scale0 = tiny_clip.logit_scale.detach().clone()
-    R.train_task(tiny_clip, pools, {}, fake_task([0, 1, 2, 0, 1, 2, 0, 1], 3), 0, args, CPU)
+    R.train_pools(tiny_clip, pools, {}, fake_task([0, 1, 2, 0, 1, 2, 0, 1], 3), 0, args, CPU)
     assert len(made) == 1, f"expected one AdamW per task, got {len(made)}"
     opt = made[0]
     optimised = {id(q) for g in opt.param_groups for q in g["params"]}

@@ -125,8 +125,8 @@ def test_finetune_defaults(order):
     args = finetune.parse_args(["--order", order])
     assert (args.amp, args.eval_prompts, args.label_smoothing, args.weight_decay) == ("off", "ensemble", 0.2, 0.0)
     for name in data.MTIL_ORDERS[order]:
-        assert finetune.task_hparams(args, name) == (1000, 64, ZSCL_LR[name]), name
-    assert finetune.MTIL_DEFAULTS["warmup"] == 100 and args.warmup is None
+        hp = finetune.hparams(args, FakeTask(name), 0)
+        assert hp == common.HParams(1000, 64, ZSCL_LR[name], warmup=100, schedule="warmup+cosine"), name
 
 
 @pytest.mark.parametrize("order", ["I", "II"])
@@ -137,9 +137,8 @@ def test_gnsp_defaults(order):
     assert (args.distill_weight, args.temperature, args.map_weight, args.label_smoothing) == (1.0, 2.0, 0.75, 0.2)
     assert (args.ref_n, args.weight_decay, args.gram_batch_size) == (1000, 0.0, 16)
     for k, name in enumerate(data.MTIL_ORDERS[order]):
-        want = (GNSP[order]["it"][k], 64, GNSP[order]["lr"][k], 100)
-        assert gnsp.task_hparams(args, name) == want, f"{name}: {gnsp.task_hparams(args, name)} != {want}"
-        assert gnsp.ref_batch_size(args, name) == 64
+        want = common.HParams(GNSP[order]["it"][k], 64, GNSP[order]["lr"][k], warmup=100, schedule="warmup+cosine")
+        assert gnsp.hparams(args, FakeTask(name), k) == want, f"{name}: {gnsp.hparams(args, FakeTask(name), k)} != {want}"
 
 
 @pytest.mark.parametrize("order", ["I", "II"])
@@ -153,7 +152,8 @@ def test_keeplora_defaults(order, variant):
     for t, name in enumerate(data.MTIL_ORDERS[order]):
         n = 1000 + 7 * t                                                     # any training-set size
         steps = KEEPLORA_EPOCHS[order][t] * -(-n // 64)                      # epochs * ceil(n / 64)
-        assert keeplora.task_hparams(args, FakeTask(name, n), t) == (steps, 64, 1e-3), name
+        hp = keeplora.hparams(args, FakeTask(name, n), t)
+        assert (hp.iterations, hp.batch_size, hp.lr, hp.schedule) == (steps, 64, 1e-3, "onecycle"), name
 
 
 @pytest.mark.parametrize("order", ["I", "II"])
@@ -163,7 +163,8 @@ def test_rank1_pool_defaults(order):
     assert (args.rank, args.top_k, args.merge_k, args.alpha, args.dropout) == (12, 8, 4, 1.0, 0.2)
     assert (args.router, args.ago, args.ago_lambda, args.weight_decay, args.eta_min) == ("fixed", "code", 0.1, 0.01, 1e-6)
     for k, name in enumerate(data.MTIL_ORDERS[order]):
-        assert rank1_pool.task_hparams(args, name) == (500, 32, DAC_LR[order][k]), name
+        assert rank1_pool.hparams(args, FakeTask(name), k) == common.HParams(500, 32, DAC_LR[order][k], warmup=0,
+                                                                             schedule="cosine"), name
 
 
 @pytest.mark.parametrize("order", ["I", "II"])
@@ -176,7 +177,8 @@ def test_moe_adapters_and_igsp_defaults(order, few):
         assert (args.experts, args.top_k, args.freeze_per_task) == (22, 2, 2)
         for name in data.MTIL_ORDERS[order]:   # no Order II lrs were released: each dataset keeps its lr
             want = (500, 64, MOE_LR_FEW[name]) if few else (1000, 64, MOE_LR_FULL[name])
-            assert igsp.task_hparams(args, name) == want, (variant, name)
+            hp = igsp.hparams(args, FakeTask(name), 0)
+            assert (hp.iterations, hp.batch_size, hp.lr, hp.warmup) == (*want, 100), (variant, name)
 
 
 # ---- training inputs: the transform, the template, few-shot images ---------------------------------

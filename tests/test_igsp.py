@@ -145,12 +145,12 @@ def _same(moes, snap, t):
 
 def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch):
     args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0")
-    moes = igsp.attach_moe(tiny_clip, args)
-    selector = igsp.TaskSelector()
     tasks = [_task("A", 1), _task("B", 2)]
+    method = igsp.init_method(tiny_clip, args, len(tasks))
+    moes = method["moes"]
     common.seed_all(0)
-    info = igsp.train_task(tiny_clip, moes, tasks[0], 0, args, CPU)
-    igsp.after_task(tiny_clip, moes, selector, tasks[0], 0, info, args, CPU)
+    igsp.train_task(tiny_clip, method, tasks[0], 0, args, CPU)
+    igsp.after_task(tiny_clip, method, tasks[0], 0, args, CPU)
     stored = torch.stack([tasks[0].test[i][0] for i in range(8)])        # earlier task's inputs
     tokens = tiny_clip.tokenize(["a thing0.", "a photo of a thing2."])
     igsp.set_route(moes, 0)
@@ -165,7 +165,7 @@ def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch
 
     monkeypatch.setattr(igsp, "prune", prune_after_phase1)
     common.seed_all(1)
-    info = igsp.train_task(tiny_clip, moes, tasks[1], 1, args, CPU)
+    info = igsp.train_task(tiny_clip, method, tasks[1], 1, args, CPU)
     assert info["T1"] == 3 and info["trainable_phase2"] > 0               # both phases ran
     assert checked and all(checked)
     assert _same(moes, snap, 0)                                           # after Phase 2 too
@@ -178,18 +178,18 @@ def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch
 
 def test_moe_adapters_freezes_most_used_experts(tiny_clip):
     args = _args("--variant", "moe-adapters", "--experts", "4", "--iterations", "6")
-    moes = igsp.attach_moe(tiny_clip, args)
-    selector = igsp.TaskSelector()
     tasks = [_task("A", 1), _task("B", 2)]
+    method = igsp.init_method(tiny_clip, args, len(tasks))
+    moes = method["moes"]
     common.seed_all(0)
-    info = igsp.train_task(tiny_clip, moes, tasks[0], 0, args, CPU)
-    igsp.after_task(tiny_clip, moes, selector, tasks[0], 0, info, args, CPU)
+    igsp.train_task(tiny_clip, method, tasks[0], 0, args, CPU)
+    igsp.after_task(tiny_clip, method, tasks[0], 0, args, CPU)
     frozen = {n: [j for j, e in enumerate(m.experts) if not e.up.weight.requires_grad] for n, m in moes.items()}
     for n, js in frozen.items():
-        assert set(js) == set(info["usage"][n].topk(2).indices.tolist())
+        assert set(js) == set(method["choose_map"][n].topk(2).indices.tolist())
     snap = {n: [p.detach().clone() for j in js for p in moes[n].experts[j].parameters()] for n, js in frozen.items()}
     common.seed_all(1)
-    igsp.train_task(tiny_clip, moes, tasks[1], 1, args, CPU)
+    igsp.train_task(tiny_clip, method, tasks[1], 1, args, CPU)
     for n, js in frozen.items():
         assert all(torch.equal(a, b) for a, b in zip([p for j in js for p in moes[n].experts[j].parameters()], snap[n]))
 
@@ -214,7 +214,7 @@ def test_parameter_accounting_vit_b16():
         m.add_router(22)
     n = igsp.param_counts(moes, igsp.TaskSelector())
     assert n["experts"] == 22 * 12 * (99_136 + 66_112) == 26_171_904 + 17_453_568
-    assert n["routers"] - 122_880 == 675_840                               # one task's routers (igsp.md 1.7)
+    assert n["routers"] - 122_880 == 675_840                               # one task's routers
 
 
 # ---- task selector ----
@@ -263,12 +263,60 @@ def test_cli_toy_and_resume(toy_weights, tmp_path):
 
 
 def test_reconstruction_weights_default_per_benchmark_and_flags_win():
-    """lambda_s, tau and lambda_o: the brief's values on MTIL, the measured toy values on toy, and
-    an explicit flag over either."""
-    for bench, d in (("mtil", igsp.MTIL_DEFAULTS), ("toy", igsp.TOY_DEFAULTS)):
+    """lambda_s, tau and lambda_o: the reconstruction's values on MTIL, the measured toy values on
+    toy, and an explicit flag over either."""
+    for bench, col in (("mtil", 0), ("toy", 1)):
         a = igsp.parse_args(["--benchmark", bench, "--no-progress"])
-        assert (a.lambda_s, a.prune_tau, a.lambda_o) == (d["lambda_s"], d["prune_tau"], d["lambda_o"])
+        assert (a.lambda_s, a.prune_tau, a.lambda_o) == tuple(igsp.DEFAULTS[k][col]
+                                                              for k in ("lambda_s", "prune_tau", "lambda_o"))
         a = igsp.parse_args(["--benchmark", bench, "--no-progress", "--lambda-s", "0", "--prune-tau", "2",
                              "--lambda-o", "0.5"])
         assert (a.lambda_s, a.prune_tau, a.lambda_o) == (0.0, 2.0, 0.5)
-    assert igsp.MTIL_DEFAULTS["lambda_s"] != igsp.TOY_DEFAULTS["lambda_s"]
+    assert igsp.DEFAULTS["lambda_s"][0] != igsp.DEFAULTS["lambda_s"][1]
+
+
+def test_every_method_flag_defaults_from_the_table():
+    """Every method flag but the variant switch and --oracle-eval has no argparse default and an
+    entry in DEFAULTS, which parse_args applies per benchmark."""
+    p = common.common_parser("igsp")
+    common_flags = {a.dest for a in p._actions}
+    for bench, col in (("mtil", 0), ("toy", 1)):
+        a = igsp.parse_args(["--benchmark", bench, "--no-progress"])
+        own = set(vars(a)) - common_flags - {"method", "progress", "variant", "oracle_eval"}
+        assert own and own <= set(igsp.DEFAULTS), own - set(igsp.DEFAULTS)
+        for k in own:
+            assert getattr(a, k) == igsp.DEFAULTS[k][col], (bench, k)
+        assert (a.amp, a.eval_prompts) == ("off", "ensemble")
+    assert igsp.parse_args(["--no-progress"]).method == "igsp"
+    assert igsp.parse_args(["--no-progress", "--variant", "moe-adapters"]).method == "moe-adapters"
+
+
+@pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
+def test_reported_trainable_count_and_note(tiny_clip, variant):
+    """after_task returns the reported count (igsp: the larger phase + the task's selector
+    autoencoder; moe-adapters: the code's count with every task's router); evaluate at t = -1 is
+    CLIP's zero-shot row, at t >= 0 the task-free row with the selector metrics and the note."""
+    args = _args("--variant", variant, "--experts", "4", "--iterations", "6", "--t1-min", "0.5", "--t1-max", "0.5",
+                 "--prune-tau", "0", "--eval-batch-size", "8")
+    tasks = [_task("A", 1), _task("B", 2), _task("C", 3)]
+    method = igsp.init_method(tiny_clip, args, len(tasks))
+    zs, zs_info = igsp.evaluate(tiny_clip, method, tasks, -1, args, CPU)
+    assert zs == common.evaluate_all(tiny_clip, tasks, args, CPU, -1) and zs_info == {}
+    common.seed_all(0)
+    info = igsp.train_task(tiny_clip, method, tasks[0], 0, args, CPU)
+    more = igsp.after_task(tiny_clip, method, tasks[0], 0, args, CPU)
+    ae = sum(p.numel() for p in method["selector"].aes[0].parameters())
+    if variant == "igsp":
+        want = max(info["trainable_phase1"], info["trainable_phase2"]) + ae
+    else:
+        want = igsp.moe_adapters_trainable(info["trainable_phase1"], method["moes"], 0, 3)
+        assert want > info["trainable_phase1"]
+    assert more["trainable_params"] == more["trainable"] == want
+    n = igsp.param_counts(method["moes"], method["selector"])
+    assert (more["total_params"], more["expert_params"], more["router_params"], more["selector_params"]) == (
+        n["total"], n["experts"], n["routers"], n["selector"])
+    row, ev = igsp.evaluate(tiny_clip, method, tasks, 0, args, CPU)
+    want_row, sel = igsp.evaluate_task_free(tiny_clip, method["moes"], method["selector"], tasks, 0, args, CPU)
+    assert row == want_row and ev["selector_acc_seen"] == round(sel[0], 2)
+    assert ev["selector_fallback_unseen"] == round(sum(sel[1:]) / 2, 2) and "acc_oracle" not in ev
+    assert f"trainable {want:,}" in ev["note"] and f"total {n['total']:,}" in ev["note"]

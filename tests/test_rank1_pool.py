@@ -1,6 +1,7 @@
 """Tests of rank1_pool.py (DAC): the pool equals its dense LoRA, the two-stage vote, the top-k
 merge, AGO, frozen merged weights under a real optimiser step, ViT-B/16 parameter counts, the
 few-shot default, and the command line end to end with resume."""
+import copy
 import json
 import subprocess
 import sys
@@ -116,7 +117,10 @@ def test_merge_adds_exactly_the_top_experts_and_gives_plain_clip(tiny_clip):
     with torch.no_grad():
         pooled_img = tiny_clip.encode_image(x)
         pooled_txt = tiny_clip.encode_texts(["a red circle", "a blue star"], "cpu")
-    E = R.after_task(tiny_clip, pools, args)
+    method = {"experts": [], "pools": pools}                                 # as train_task leaves it
+    info = R.after_task(tiny_clip, method, None, 0, args, torch.device("cpu"))
+    assert set(info) == {"merge_seconds"} and "pools" not in method and len(method["experts"]) == 1
+    E = method["experts"][0]
     for n, p in pools.items():
         K = p.counts.argsort(descending=True)[:args.merge_k]
         assert set(K.tolist()) == set(R.top_indices(p.counts, args.merge_k).tolist())
@@ -174,18 +178,21 @@ def test_merged_weights_bit_identical_after_real_training_steps(tiny_clip):
     labels = [0, 1, 2, 0, 1, 2, 0, 1]
     ds = [(images[i], labels[i]) for i in range(8)]
     task = data.Task("T", ["red", "green", "blue"], ["a {} thing."], ds, ds)
+    cpu = torch.device("cpu")
+    method = {"experts": []}
     pools = R.attach_pools(tiny_clip, args)                                  # task 1: "trained" pool, merged
     fill_random(pools)
-    E = R.after_task(tiny_clip, pools, args)
+    method["pools"] = pools
+    R.after_task(tiny_clip, method, task, 0, args, cpu)
     frozen = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
     layers = tiny_clip.layers(proj=False)
     merged = {n: l.weight.clone() for n, l in layers.items()}                # W0 + task 1's merged experts
     stored = {n: torch.randn(2, 5, l.in_features, generator=g) for n, l in layers.items()}  # stored inputs
     out_before = {n: layers[n](x).detach() for n, x in stored.items()}
-    pools = R.attach_pools(tiny_clip, args)                                  # task 2: real steps with AGO
-    cpu = torch.device("cpu")
-    loss, l_ago = R.train_task(tiny_clip, pools, R.ago_reference([E], args, cpu), task, 1, args, cpu)
-    assert l_ago > 0 and all(p.B.abs().sum() > 0 for p in pools.values())    # it did train
+    info = R.train_task(tiny_clip, method, task, 1, args, cpu)               # task 2: real steps with AGO
+    pools = method["pools"]                                                  # the fresh pools it trained
+    assert all(type(p) is R.RankOnePool and p.counts.sum() > 0 for p in pools.values())
+    assert info["ago_loss"] > 0 and all(p.B.abs().sum() > 0 for p in pools.values())  # it did train, with AGO
     for n, p in pools.items():
         assert torch.equal(p.base.weight, merged[n])                          # bit-identical
         assert torch.equal(p.base(stored[n]), out_before[n])                 # earlier tasks' outputs unchanged
@@ -197,19 +204,107 @@ def test_merged_weights_bit_identical_after_real_training_steps(tiny_clip):
             assert k.endswith((".A", ".B", ".counts")) or ".router." in k, k
 
 
+# ---- the hooks: train_task, after_task, checkpoint / restore ---------------------------------
+
+def small_task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    ds = [(images[i], i % 3) for i in range(8)]
+    return data.Task("T", ["red", "green", "blue"], ["a {} thing."], ds, ds)
+
+
+def test_train_task_attaches_fresh_pools_trains_them_and_reports(tiny_clip):
+    args = toy_args("--iterations", "2", "--batch-size", "4")
+    cpu = torch.device("cpu")
+    method = {"experts": []}
+    for t in range(2):
+        merged = tiny_clip.layers(proj=False)
+        info = R.train_task(tiny_clip, method, small_task(t), t, args, cpu)
+        pools = method["pools"]
+        assert set(pools) == set(merged) and all(tiny_clip.get_layer(n) is p for n, p in pools.items())
+        assert all(p.base is merged[n] for n, p in pools.items()), f"task {t}: pools must wrap the merged layers"
+        assert info["trainable_params"] == sum(p.A.numel() + p.B.numel() for p in pools.values())
+        assert info["params_with_routers"] == R.pool_param_count(pools) > info["trainable_params"]
+        assert info["loss"] > 0 and all(int(p.counts.sum()) == 2 * 4 * args.top_k for p in pools.values())
+        if t == 0:
+            assert info["ago_loss"] == 0 and "note" not in info, "no AGO without earlier tasks"
+        else:
+            assert info["ago_loss"] > 0 and "AGO" in info["note"]
+        R.after_task(tiny_clip, method, small_task(t), t, args, cpu)
+        assert len(method["experts"]) == t + 1
+
+
+def test_train_task_draws_the_pools_from_the_rng_state_it_is_called_with(tiny_clip, monkeypatch):
+    """Run.begin_task seeds (seed, t) right before train_task: the pools (Kaiming A, router) must
+    be drawn inside train_task, so the same seed gives the same pools."""
+    args = toy_args()
+    monkeypatch.setattr(R, "train_pools", lambda *a, **k: (0.0, 0.0))      # the draws only
+    drawn = []
+    for seed in (5, 5, 6):
+        model = copy.deepcopy(tiny_clip)
+        method = {"experts": []}
+        common.seed_all(seed)
+        R.train_task(model, method, small_task(), 0, args, torch.device("cpu"))
+        drawn.append({n: (p.A.detach().clone(), p.router.weight.detach().clone()) for n, p in method["pools"].items()})
+    assert all(torch.equal(drawn[0][n][i], drawn[1][n][i]) for n in drawn[0] for i in (0, 1))
+    assert not all(torch.equal(drawn[0][n][0], drawn[2][n][0]) for n in drawn[0])
+
+
+def test_eval_before_merge_evaluates_the_routed_pool(tiny_clip, monkeypatch):
+    args = toy_args("--eval-before-merge")
+    pools = R.attach_pools(tiny_clip, args)
+    fill_random(pools)
+    seen = []
+    monkeypatch.setattr(common, "evaluate", lambda model, task, *a: seen.append(
+        any(isinstance(m, R.RankOnePool) for m in model.modules())) or 12.5)
+    info = R.after_task(tiny_clip, {"experts": [], "pools": pools}, small_task(), 0, args, torch.device("cpu"))
+    assert seen == [True] and info["acc_before_merge"] == 12.5 and "merge_seconds" in info
+
+
+def test_checkpoint_then_restore_replays_the_merges_in_order(tiny_clip, tmp_path):
+    args = toy_args("--iterations", "2", "--batch-size", "4")
+    cpu = torch.device("cpu")
+    pristine = copy.deepcopy(tiny_clip)
+    method = {"experts": []}
+    for t in range(2):
+        R.train_task(tiny_clip, method, small_task(t), t, args, cpu)
+        R.after_task(tiny_clip, method, small_task(t), t, args, cpu)
+    torch.save(R.checkpoint(tiny_clip, method), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state) == {"experts"} and len(state["experts"]) == 2
+    restored = {"experts": []}
+    R.restore(pristine, restored, state, args, cpu)
+    want, got = tiny_clip.state_dict(), pristine.state_dict()
+    assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want), "merges not replayed"
+    assert len(restored["experts"]) == 2
+    P0, P1 = R.ago_reference(method["experts"], args, cpu), R.ago_reference(restored["experts"], args, cpu)
+    assert all(torch.equal(P0[n], P1[n]) for n in P0), "the AGO reference after resume differs"
+
+
 # ---- defaults and ViT-B/16 parameter counts -----------------------------------------------------
+
+def hp(args, name, t=0):
+    return R.hparams(args, data.Task(name, ["a", "b"], ["{}"], [], []), t)
+
 
 def test_defaults_follow_the_official_code():
     a = R.parse_args([])
-    assert a.few_shot == 5 and R.task_hparams(a, "Aircraft") == (500, 32, 2e-3)
+    assert a.few_shot == 5 and hp(a, "Aircraft") == common.HParams(500, 32, 2e-3, warmup=0, schedule="cosine")
     assert (a.rank, a.top_k, a.merge_k, a.alpha, a.dropout, a.ago_lambda, a.weight_decay) == (12, 8, 4, 1.0, 0.2, 0.1, 0.01)
     assert a.router == "fixed" and a.ago == "code"
+    assert (a.eta_min, a.template, a.towers, a.amp, a.eval_prompts) == (1e-6, "random", ["visual", "text"], "off", "ensemble")
     a = R.parse_args(["--few-shot", "0"])
-    assert a.few_shot == 0 and R.task_hparams(a, "DTD")[0] == 1000
+    assert a.few_shot == 0 and hp(a, "DTD").iterations == 1000
     a = R.parse_args(["--order", "II"])
-    assert [R.task_hparams(a, n)[2] for n in ("MNIST", "Aircraft", "EuroSAT", "CIFAR100", "Food")] == \
+    assert [hp(a, n, t).lr for t, n in enumerate(("MNIST", "Aircraft", "EuroSAT", "CIFAR100", "Food"))] == \
         [1e-3, 3e-3, 1e-3, 3e-3, 2e-3]
-    assert R.parse_args(["--benchmark", "toy"]).few_shot == R.TOY_DEFAULTS["few_shot"]
+    a = R.parse_args(["--order", "II", "--iterations", "7", "--batch-size", "5", "--lr", "3e-4"])
+    assert hp(a, "MNIST") == common.HParams(7, 5, 3e-4, warmup=0, schedule="cosine"), "flags override the defaults"
+    toy = R.parse_args(["--benchmark", "toy"])
+    assert toy.few_shot == R.DEFAULTS["few_shot"][1]
+    assert hp(toy, "Colours") == common.HParams(*(R.DEFAULTS[k][1] for k in ("iterations", "batch_size", "lr")),
+                                                warmup=0, schedule="cosine")
+    assert R.parse_args(["--benchmark", "toy", "--few-shot", "3"]).few_shot == 3
     with pytest.raises(common.UserError):
         R.parse_args(["--top-k", "13"])
 
@@ -245,8 +340,11 @@ def run_cli(toy_weights, out, *extra):
 def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
     s = run_cli(toy_weights, tmp_path / "a", "--max-tasks", "2")
     for key in ("method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average",
-                "last", "trainable_params", "seconds", "params_with_routers", "ago_loss", "merge_seconds"):
+                "last", "trainable_params", "seconds", "params_with_routers", "ago_loss", "merge_seconds", "loss"):
         assert key in s, key
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["per_task"][0] == {"task": s["datasets"][0], "iterations": 3, "batch_size": R.DEFAULTS["batch_size"][1],
+                                  "lr": R.DEFAULTS["lr"][1], "warmup": 0, "schedule": "cosine"}
     assert s["method"] == "rank1_pool" and len(s["acc_matrix"]) == 2
     assert s["ago_loss"][0] == 0 and s["ago_loss"][1] > 0
     assert s["trainable_params"] < s["params_with_routers"][0]
