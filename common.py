@@ -861,14 +861,14 @@ class Run:
         print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(self.datasets, self.zero_shot))
               + (f"\n    {note}" if note else ""), flush=True)
 
-    def finish_task(self, t: int, row: list[float], state: dict, info: dict) -> None:
+    def finish_task(self, t: int, row: list[float], state: dict, *infos: dict) -> None:
         """Record the matrix row after task t, save the checkpoint (atomic), rewrite the outputs,
-        print one line. `info`: what the hooks returned: "loss" and "note" are printed (the note
-        is not saved), "trainable_params" is the summary's count, every other entry is appended
-        to its per-task list in summary.json."""
+        print one line. `infos`: what the hooks returned, merged: "loss" is printed, every "note"
+        printed under the line (notes are not saved), "trainable_params" is the summary's count,
+        every other entry is appended to its per-task list in summary.json."""
         self.acc.append([float(v) for v in row])
-        info = dict(info)
-        note = info.pop("note", "")
+        info = {k: v for d in infos for k, v in d.items() if k != "note"}
+        notes = [d["note"] for d in infos if d.get("note")]
         self.extra["trainable_params"] = int(info.pop("trainable_params"))
         for k, v in info.items():
             self.extra.setdefault(k, []).append(v)
@@ -878,8 +878,8 @@ class Run:
                            "state": state, "seconds": self.seconds()}, self.out / "checkpoint.pt")
         self.write_outputs()
         loss = f"loss {info['loss']:.3f}  " if "loss" in info else ""
-        print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | " + "  ".join(f"{a:.1f}" for a in row)
-              + (f"\n    {note}" if note else ""), flush=True)
+        print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | "
+              + "  ".join(f"{a:.1f}" for a in row) + "".join(f"\n    {n}" for n in notes), flush=True)
 
     def summary(self) -> dict:
         m = mtil_metrics(self.acc)

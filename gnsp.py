@@ -3,7 +3,7 @@ alignment preservation for continual learning of CLIP.
 
 Paper:  Peng, Liu, Yang, Hong, Tian, "GNSP: Gradient Null Space Projection for Preserving
         Cross-Modal Alignment in VLMs Continual Learning", arXiv 2507.19839 (2025).
-Code:   Ppp-Ttt/GNSP @ 55746ce (run_mtil.py, configs/mtil_order_{I,II}.json,
+Code:   Ppp-Ttt/GNSP @ 55746ce (run_mtil.py, configs/mtil_order_{I,II}.json, src/args.py,
         src/models/finetune_gnsp.py, get_data_matrix.py, helpers.py). Only the paper's abstract
         could be read, so every default below is the official code's; file names in the comments
         (finetune_gnsp.py, get_data_matrix.py, helpers.py, run_mtil.py, configs/) are in that commit.
@@ -23,10 +23,25 @@ Run:    python gnsp.py --benchmark toy                       # CPU, minutes
         python gnsp.py --order I --data-root ~/data          # MTIL (+ ImageNet train), GPU
         python gnsp.py --order II --ref-data none            # without CD / MAP (no ImageNet)
 
+Structure (the hooks of finetune.py; `diff finetune.py gnsp.py` shows the method):
+  setup       checks the MTIL data and ImageNet, loads CLIP and the tasks, draws the reference
+              pairs and the held-out pairs, and from the untouched CLIP computes the teacher's
+              reference logits Z0 of every task it will train and the zero-shot alignment
+              metrics. `method` = {refs, Z0, held, held_zero_shot, n_tasks, M}; M (the
+              accumulated statistics) starts empty.
+  train_task  builds the projectors P from M (task >= 2), trains the task, frees P.
+  after_task  adds the task's statistics to M (not after the benchmark's last task).
+  evaluate    the accuracy row, plus the alignment metrics on the held-out pairs.
+  checkpoint  the weights and M (restore loads both; Z0 is recomputed by setup).
+summary.json, besides the matrix: per task "loss", "protected_dims" (protected input directions,
+all layers), "after_task_seconds", "modality_gap", "i2t_r1", "t2i_r1"; "zero_shot_info" = the
+alignment metrics of the untouched CLIP.
+
 Memory (ViT-B/16): the accumulated statistics M (25 matrices, 12*768^2 + 12*3072^2 + 768^2
 floats = 484 MB fp32) live on the CPU and in the checkpoint; only the latest M is kept. The 25
-projectors P (same size) are built on the training device at the start of each task >= 2 and
-freed at its end; the teacher (original CLIP) is only used to pre-compute its reference logits.
+projectors P (same size) are built on the training device by train_task at the start of each
+task >= 2 and freed when it returns; the teacher (original CLIP) is only used to pre-compute its
+reference logits.
 
 Note: with AdamW, projecting the gradient (the code's default) does not keep the update in the
 null space, because Adam rescales every coordinate; `--project update` projects AdamW's update
@@ -58,49 +73,65 @@ import common
 import data
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: arguments (common flags first, then the method's) ----
+# ---- PLUMBING: every default (MTIL | toy) and the arguments (common flags first, then the method's) ----
 # ---------------------------------------------------------------------------------------------
 
-# GNSP configs/mtil_order_{I,II}.json : (lr, iterations) per task; batch 64 for all.
-MTIL_DEFAULTS = {
-    "I": {"Aircraft": (1e-5, 100), "Caltech101": (2e-5, 500), "CIFAR100": (1e-5, 1000), "DTD": (5e-5, 500),
-          "EuroSAT": (2e-5, 500), "Flowers": (2e-5, 1000), "Food": (5e-5, 1000), "MNIST": (1e-5, 500),
-          "OxfordPet": (5e-5, 500), "StanfordCars": (5e-5, 1000), "SUN397": (2e-5, 1000)},
-    "II": {"StanfordCars": (1e-5, 1000), "Food": (1e-5, 1000), "MNIST": (1e-5, 500), "OxfordPet": (1e-5, 500),
-           "Flowers": (2e-5, 1000), "SUN397": (2e-5, 1000), "Aircraft": (5e-5, 1000), "Caltech101": (1e-5, 500),
-           "DTD": (5e-5, 500), "EuroSAT": (1e-5, 500), "CIFAR100": (1e-5, 1000)},
+DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, src/args.py. toy: CHOICE, measured, see notes/gnsp.md
+    "iterations": (None, 100),                                  # MTIL: per task, "lr_iterations_per_task"
+    "batch_size": (64, 64),                                     # configs: batch_size
+    "lr": (None, 3e-3),                                         # MTIL: per task, "lr_iterations_per_task"
+    "lr_iterations_per_task": ({                                # configs: learning_rate, iterations; per order
+        "I": {"Aircraft": (1e-5, 100), "Caltech101": (2e-5, 500), "CIFAR100": (1e-5, 1000), "DTD": (5e-5, 500),
+              "EuroSAT": (2e-5, 500), "Flowers": (2e-5, 1000), "Food": (5e-5, 1000), "MNIST": (1e-5, 500),
+              "OxfordPet": (5e-5, 500), "StanfordCars": (5e-5, 1000), "SUN397": (2e-5, 1000)},
+        "II": {"StanfordCars": (1e-5, 1000), "Food": (1e-5, 1000), "MNIST": (1e-5, 500), "OxfordPet": (1e-5, 500),
+               "Flowers": (2e-5, 1000), "SUN397": (2e-5, 1000), "Aircraft": (5e-5, 1000), "Caltech101": (1e-5, 500),
+               "DTD": (5e-5, 500), "EuroSAT": (1e-5, 500), "CIFAR100": (1e-5, 1000)}}, {}),
+    "warmup": (100, 10),        # src/args.py warmup_length: 100 even for a 100-step task; toy: min(., iterations // 2)
+    "weight_decay": (0.0, 0.0),                                 # src/args.py wd
+    "label_smoothing": (0.2, 0.2),                              # configs: label_smoothing
+    "first_task": ("full", "full"),                             # run_mtil.py: gnsp only for i > 0, task 1 full
+    "rho": (0.15, 0.15),                                        # configs: gnsp_rho
+    "project": ("gradient", "gradient"),                        # finetune_gnsp.py: the gradient is projected
+    "accumulation": ("gnsp", "gnsp"),                           # get_data_matrix.py
+    "distill_weight": (1.0, 1.0),                               # configs: distill
+    "temperature": (2.0, 2.0),                                  # src/args.py T
+    "map_weight": (0.75, 0.75),                                 # configs: map
+    "ref_data": ("auto", "auto"),                               # configs: ref_dataset ImageNet1K
+    "ref_n": (1000, 1000),                                      # configs: ref_data_nums
+    "ref_batch_size": (None, None),                             # None: the task's batch size (finetune_gnsp.py)
+    "gram_batch_size": (16, 16),                                # get_data_matrix.py: batch_size=16
+    "gram_batches": (None, None),                               # None: the whole training split (get_data_matrix.py)
+    "align_n": (1000, 1000),                                    # CHOICE: held-out pairs of the alignment metrics
+    "amp": ("off", "off"),                                      # the code: fp32
+    "eval_prompts": ("first-before", "first-before"),           # src/models/evaluation.py (common.eval_templates)
 }
-# CHOICE: toy defaults, chosen by measurement (notes/gnsp.md): finetune.py's toy budget
-# (100 steps, batch 64, 10 warm-up steps); lr 3e-3 gave the best Average on Order I among
-# 3e-4, 1e-3, 3e-3, 1e-2 (78.8, 78.7, 79.5, 75.9).
-TOY_DEFAULTS = {"iterations": 100, "batch_size": 64, "lr": 3e-3, "warmup": 10}
 
 
 def parse_args(argv=None):
     p = common.common_parser("gnsp", __doc__)
     g = p.add_argument_group("method")
-    g.add_argument("--first-task", choices=["full", "restricted"], default="full",
+    g.add_argument("--first-task", choices=["full", "restricted"],
                    help="task 1 trains every weight (code) or only the 25 protected ones, unprojected")
-    g.add_argument("--rho", type=float, default=0.15, help="null space = eigen-directions holding < rho of the energy")
-    g.add_argument("--project", choices=["gradient", "update"], default="gradient",
+    g.add_argument("--rho", type=float, help="null space = eigen-directions holding < rho of the energy")
+    g.add_argument("--project", choices=["gradient", "update"],
                    help="project the raw gradient before AdamW (code) or AdamW's update (Adam-NSCL; ablation)")
-    g.add_argument("--accumulation", choices=["gnsp", "sum"], default="gnsp",
+    g.add_argument("--accumulation", choices=["gnsp", "sum"],
                    help="gnsp: sum for MLP layers, renormalise-then-add for visual.proj (code); sum: sum for all")
-    g.add_argument("--label-smoothing", type=float, default=0.2)
-    g.add_argument("--distill-weight", type=float, default=1.0, help="lambda_CD")
-    g.add_argument("--temperature", type=float, default=2.0, help="T of contrastive distillation")
-    g.add_argument("--map-weight", type=float, default=0.75, help="lambda_MAP")
-    g.add_argument("--ref-data", choices=["auto", "none"], default="auto",
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--distill-weight", type=float, help="lambda_CD")
+    g.add_argument("--temperature", type=float, help="T of contrastive distillation")
+    g.add_argument("--map-weight", type=float, help="lambda_MAP")
+    g.add_argument("--ref-data", choices=["auto", "none"],
                    help="auto: ImageNet train (mtil) / toy reference split (toy); none: no CD / MAP")
-    g.add_argument("--ref-n", type=int, default=1000, help="reference pairs per task")
-    g.add_argument("--ref-batch-size", type=int, default=None, help="reference pairs per step (default: --batch-size)")
-    g.add_argument("--gram-batch-size", type=int, default=16)
-    g.add_argument("--gram-batches", type=int, default=None, help="batches of the after-task pass (default: all)")
-    g.add_argument("--align-n", type=int, default=1000, help="held-out pairs for modality gap / retrieval")
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: code 100; toy 10)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    # the code: fp32; templates[0] for datasets trained before the current task (common.eval_templates)
-    args = common.finalize_args(p.parse_args(argv), "gnsp", amp="off", eval_prompts="first-before")
+    g.add_argument("--ref-n", type=int, help="reference pairs per task")
+    g.add_argument("--ref-batch-size", type=int, help="reference pairs per step (default: the task's batch size)")
+    g.add_argument("--gram-batch-size", type=int)
+    g.add_argument("--gram-batches", type=int, help="batches of the after-task pass (default: all)")
+    g.add_argument("--align-n", type=int, help="held-out pairs for modality gap / retrieval")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float)
+    args = common.finalize_args(p.parse_args(argv), "gnsp", DEFAULTS)
     if not 0 < args.rho <= 1:
         raise common.UserError(f"--rho must be in (0, 1], got {args.rho}")
     if not args.temperature > 0:
@@ -111,33 +142,21 @@ def parse_args(argv=None):
     return args
 
 
-def task_hparams(args, name: str) -> tuple[int, int, float, int]:
-    """(iterations, batch size, lr, warm-up) for a task: the flag if given, else the default."""
-    if args.benchmark == "mtil":
-        lr, iterations = MTIL_DEFAULTS[args.order][name]
-        iterations, batch_size = args.iterations or iterations, args.batch_size or 64
-        warmup = 100 if args.warmup is None else args.warmup   # code: 100 even for a 100-step task (run_mtil.py)
-    else:
-        lr, iterations = TOY_DEFAULTS["lr"], args.iterations or TOY_DEFAULTS["iterations"]
-        batch_size = args.batch_size or TOY_DEFAULTS["batch_size"]
-        warmup = min(TOY_DEFAULTS["warmup"] if args.warmup is None else args.warmup, iterations // 2)  # as finetune.py
-    return iterations, batch_size, args.lr if args.lr is not None else lr, warmup
+def hparams(args, task, t: int) -> common.HParams:
+    """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS (MTIL:
+    the task's entry of the order's config)."""
+    d = common.defaults_for(args, DEFAULTS)
+    lr, iterations = d["lr_iterations_per_task"].get(args.order, {}).get(task.name, (d["lr"], d["iterations"]))
+    iterations = args.iterations or iterations
+    # MTIL: the code's warm-up as given, even for a 100-step task (run_mtil.py); toy: as finetune.py
+    warmup = args.warmup if args.benchmark == "mtil" else min(args.warmup, iterations // 2)
+    return common.HParams(iterations, args.batch_size or d["batch_size"], args.lr if args.lr is not None else lr,
+                          warmup=warmup, schedule="warmup+cosine")
 
 
-def ref_batch_size(args, name: str) -> int:
-    """Reference pairs per step: the task batch size, as the code (finetune_gnsp.py)."""
-    return args.ref_batch_size or task_hparams(args, name)[1]
-
-
-def check_data(args) -> None:
-    """Before loading the model: every missing MTIL dataset and the ImageNet reference data."""
-    if args.benchmark != "mtil":
-        return
-    missing = data.mtil_missing(args.data_root, data.MTIL_ORDERS[args.order])
-    if args.ref_data != "none":
-        missing += data.imagenet_missing(args.data_root)
-    if missing:
-        raise data.MissingDataError(missing)
+def ref_batch_size(args, task, t: int) -> int:
+    """Reference pairs per step: the task's batch size, as the code (finetune_gnsp.py)."""
+    return args.ref_batch_size or hparams(args, task, t).batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +237,19 @@ def modality_alignment_preservation(Z: torch.Tensor, Y: torch.Tensor, smoothing:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: reference pairs, teacher logits, alignment metrics ----
+# ---- PLUMBING: setup (data, CLIP, the method's state between tasks): reference pairs, teacher logits, alignment metrics ----
 # ---------------------------------------------------------------------------------------------
+
+
+def check_data(args) -> None:
+    """Before loading the model: every missing MTIL dataset and the ImageNet reference data."""
+    if args.benchmark != "mtil":
+        return
+    missing = data.mtil_missing(args.data_root, data.MTIL_ORDERS[args.order])
+    if args.ref_data != "none":
+        missing += data.imagenet_missing(args.data_root)
+    if missing:
+        raise data.MissingDataError(missing)
 
 
 def reference_data(args, tasks: list, model: common.ClipView):
@@ -283,22 +313,43 @@ def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
             "i2t_r1": round(100 * i2t.item(), 2), "t2i_r1": round(100 * t2i.item(), 2)}
 
 
+def setup(args, device):
+    """Check the data, load CLIP and the tasks, draw the reference and held-out pairs, and
+    compute from the untouched CLIP (before any --resume state is loaded) the teacher's reference
+    logits of every task this run trains and the zero-shot alignment metrics."""
+    check_data(args)
+    model = common.setup_model(args, device)
+    tasks = common.load_tasks(args, model)
+    refs, held = reference_data(args, tasks, model)
+    if refs is None:
+        print("reference data: none -> contrastive distillation and MAP are off (CE only)", flush=True)
+    # the teacher is the original CLIP: its reference logits, for each task, before any training
+    Z0 = [teacher_logits(model, refs[t], ref_batch_size(args, tasks[t], t), args, device)
+          for t in range(common.n_train_tasks(args, tasks))] if refs else None
+    return model, tasks, {"refs": refs, "Z0": Z0, "held": held,
+                          "held_zero_shot": None if held is None else alignment_metrics(model, held, args, device),
+                          "n_tasks": len(tasks), "M": {}}   # M: layer name -> accumulated statistics (d_in, d_in), CPU
+
+
 # ---------------------------------------------------------------------------------------------
 # ---- PAPER: GNSP, one task (finetune_gnsp.py) ----
 # ---------------------------------------------------------------------------------------------
 
 
-def train_task(model: common.ClipView, task, t: int, args, device, P: dict | None = None,
+def train_loop(model: common.ClipView, task, t: int, args, device, P: dict | None = None,
                ref=None, Z0: list | None = None) -> float:
-    iterations, batch_size, lr, warmup = task_hparams(args, task.name)
+    """Train task t: CE on the task (+ CD and MAP on the reference pairs `ref` against the
+    teacher logits Z0, one per reference batch), the protected weights' gradient (or update)
+    projected by P (layer name -> (d_in, d_in); None: unprojected). Returns the mean loss."""
+    hp = hparams(args, task, t)
     text_trains = set_trainable(model, t, args)                     # finetune_gnsp.py
     W = {n: lin.weight for n, lin in protected_layers(model).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)  # code: wd 0, betas (0.9, 0.999)
-    batches = common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t,
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=args.weight_decay)  # code: wd 0, betas (0.9, 0.999)
+    batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
     if ref is not None:   # code: fixed unshuffled reference batches, cycled
-        ref_batches = common.forever(common.make_loader(ref, ref_batch_size(args, task.name), False, 0,
+        ref_batches = common.forever(common.make_loader(ref, ref_batch_size(args, task, t), False, 0,
                                                         args.workers, device=device))
     if not text_trains:   # CHOICE: frozen text tower -> class features once (identical values, faster)
         with torch.no_grad():
@@ -306,8 +357,8 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
     scaler = common.grad_scaler(device, args.amp)
     model.train()
     loss_sum = 0.0
-    for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
-        common.set_lr(opt, common.cosine_lr(step, lr, warmup, iterations))
+    for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
+        common.set_lr(opt, common.cosine_lr(step, hp.lr, hp.warmup, hp.iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         n = len(images)
@@ -346,7 +397,26 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
         # ---- PLUMBING ----
         loss_sum += loss.item()
     model.eval()
-    return loss_sum / max(iterations, 1)
+    return loss_sum / max(hp.iterations, 1)
+
+
+def train_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """Task t with the projectors of the statistics M of the earlier tasks (none for task 1)."""
+    M = method["M"]
+    P, k = None, {}
+    if t > 0 and M:   # projectors on the training device for this task only (freed on return)
+        P, k = {}, {}
+        for name, M_l in M.items():
+            P[name], k[name] = null_space_projector(M_l.to(device), args.rho)
+    loss = train_loop(model, task, t, args, device, P, method["refs"][t] if method["refs"] else None,
+                      method["Z0"][t] if method["Z0"] else None)
+    note = ""
+    if k:
+        d = sum(M_l.shape[0] for M_l in M.values())
+        note = (f"protected input directions (all {len(k)} layers): {sum(k.values())} of {d}, "
+                f"visual.proj {k['visual.proj']} of {M['visual.proj'].shape[0]}")
+    info = {"loss": loss, "trainable_params": common.trainable_params(model), "protected_dims": sum(k.values())}
+    return {**info, "note": note} if note else info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +424,7 @@ def train_task(model: common.ClipView, task, t: int, args, device, P: dict | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def after_task(model: common.ClipView, task, t: int, args, device, M: dict) -> None:
+def accumulate_statistics(model: common.ClipView, task, t: int, args, device, M: dict) -> None:
     """One pass over the task's training split (train transform, batch 16, trained model):
         S_t = sum_B G_B / ||G_B||_F,  G_B = X_B^T X_B  (X_B: all tokens of the batch, (B*L, d);
               the CLS row after ln_post for visual.proj, (B, d))
@@ -379,65 +449,59 @@ def after_task(model: common.ClipView, task, t: int, args, device, M: dict) -> N
         M[name] = S_hat.cpu()
 
 
+def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
+    """Add task t's statistics to M, except after the benchmark's last task (nothing left to protect)."""
+    t0 = time.time()
+    if t < method["n_tasks"] - 1:
+        accumulate_statistics(model, task, t, args, device, method["M"])
+    return {"after_task_seconds": round(time.time() - t0, 2)}
+
+
 # ---------------------------------------------------------------------------------------------
-# ---- PLUMBING: main (setup, loop over tasks, evaluate, save) ----
+# ---- PLUMBING: evaluation, checkpoint, main (setup, loop over tasks, evaluate, save) ----
 # ---------------------------------------------------------------------------------------------
+
+
+def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
+    """The accuracy row after task t (t = -1: zero-shot; the code's prompts, common.eval_templates),
+    and the alignment metrics on the held-out pairs (modality_gap, i2t_r1, t2i_r1) when there are
+    any; the zero-shot ones were measured by setup on the same untouched model."""
+    row = common.evaluate_all(model, tasks, args, device, t)
+    if method["held"] is None:
+        return row, {}
+    z = method["held_zero_shot"]
+    info = dict(z) if t < 0 else alignment_metrics(model, method["held"], args, device)
+    info["note"] = (f"held-out pairs: modality gap {info['modality_gap']:.3f}"
+                    + ("" if t < 0 else f" (zero-shot {z['modality_gap']:.3f})")
+                    + f"  R@1 image->text {info['i2t_r1']:.1f}" + ("" if t < 0 else f" ({z['i2t_r1']:.1f})")
+                    + f"  text->image {info['t2i_r1']:.1f}" + ("" if t < 0 else f" ({z['t2i_r1']:.1f})"))
+    return row, info
+
+
+def checkpoint(model: common.ClipView, method: dict) -> dict:
+    return {"model": model.state_dict(), "M": method["M"]}
+
+
+def restore(model: common.ClipView, method: dict, state: dict, args, device) -> None:
+    model.load_state_dict(state["model"])
+    method["M"] = state["M"]
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = common.pick_device(args.device)
-    check_data(args)
-    model = common.setup_model(args, device)
-    tasks = common.load_tasks(args, model)
-    names = [t.name for t in tasks]
-    run = common.Run("gnsp", args, names)
-    n_train = common.n_train_tasks(args, tasks)
-    refs, held = reference_data(args, tasks, model)
-    if refs is None:
-        print("reference data: none -> contrastive distillation and MAP are off (CE only)", flush=True)
-    # the teacher is the original CLIP: its reference logits are computed before any state is loaded
-    Z0 = {t: teacher_logits(model, refs[t], ref_batch_size(args, names[t]), args, device)
-          for t in range(run.start_task, n_train)} if refs else {}
-    if held is not None and "alignment_zero_shot" not in run.extra:
-        run.extra["alignment_zero_shot"] = alignment_metrics(model, held, args, device)
-    M: dict = {}
-    if run.state is not None:
-        model.load_state_dict(run.state["model"])
-        M = run.state["M"]
+    model, tasks, method = setup(args, device)
+    run = common.Run(args, tasks, [hparams(args, task, t) for t, task in enumerate(tasks)])
+    if run.state is not None:                                       # --resume: after the last finished task
+        restore(model, method, run.state, args, device)
     if run.zero_shot is None:
-        run.set_zero_shot(common.evaluate_all(model, tasks, args, device))
-        print("zero-shot  " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, run.zero_shot)), flush=True)
-    for t in range(run.start_task, n_train):
-        run.begin_task(t)
-        t0 = time.time()
-        P, k = None, {}
-        if t > 0 and M:   # projectors on the training device for this task only
-            P, k = {}, {}
-            for name, M_l in M.items():
-                P[name], k[name] = null_space_projector(M_l.to(device), args.rho)
-        loss = train_task(model, tasks[t], t, args, device, P, refs[t] if refs else None, Z0.get(t))
-        del P
-        t1 = time.time()
-        if t < len(tasks) - 1:   # nothing to protect after the benchmark's last task
-            after_task(model, tasks[t], t, args, device, M)
-        t_after = time.time() - t1
-        row = common.evaluate_all(model, tasks, args, device, t)
-        extra = {"protected_dims": sum(k.values()), "after_task_seconds": round(t_after, 2)}
-        if held is not None:
-            extra.update(alignment_metrics(model, held, args, device))
-        run.finish_task(t, row, {"model": model.state_dict(), "M": M}, common.trainable_params(model), extra)
-        print(f"[{t + 1}/{len(tasks)}] {tasks[t].name:<14} loss {loss:.3f}  {t1 - t0:.0f}s + {t_after:.0f}s | "
-              + "  ".join(f"{a:.1f}" for a in row), flush=True)
-        if k:
-            d = sum(M_l.shape[0] for M_l in M.values())
-            print(f"    protected input directions (all {len(k)} layers): {sum(k.values())} of {d}, "
-                  f"visual.proj {k['visual.proj']} of {M['visual.proj'].shape[0]}", flush=True)
-        if held is not None:
-            z = run.extra["alignment_zero_shot"]
-            print(f"    held-out pairs: modality gap {extra['modality_gap']:.3f} (zero-shot {z['modality_gap']:.3f})"
-                  f"  R@1 image->text {extra['i2t_r1']:.1f} ({z['i2t_r1']:.1f})"
-                  f"  text->image {extra['t2i_r1']:.1f} ({z['t2i_r1']:.1f})", flush=True)
+        run.set_zero_shot(*evaluate(model, method, tasks, -1, args, device))
+    for t in range(run.start_task, run.n_train):
+        run.begin_task(t)                                           # seeds (seed, t): resumable
+        trained = train_task(model, method, tasks[t], t, args, device)
+        after = after_task(model, method, tasks[t], t, args, device)
+        row, evaluated = evaluate(model, method, tasks, t, args, device)
+        run.finish_task(t, row, checkpoint(model, method), trained, after, evaluated)
     run.print_final()
 
 

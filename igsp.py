@@ -730,10 +730,10 @@ def main(argv=None):
         run.set_zero_shot(*evaluate(model, method, tasks, -1, args, device))
     for t in range(run.start_task, run.n_train):
         run.begin_task(t)                                           # seeds (seed, t): resumable
-        info = train_task(model, method, tasks[t], t, args, device)
-        info.update(after_task(model, method, tasks[t], t, args, device))
-        row, more = evaluate(model, method, tasks, t, args, device)
-        run.finish_task(t, row, checkpoint(model, method), {**info, **more})
+        trained = train_task(model, method, tasks[t], t, args, device)
+        after = after_task(model, method, tasks[t], t, args, device)
+        row, evaluated = evaluate(model, method, tasks, t, args, device)
+        run.finish_task(t, row, checkpoint(model, method), trained, after, evaluated)
     run.print_final()
 
 

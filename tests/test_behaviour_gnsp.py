@@ -4,7 +4,9 @@ the gradient AdamW receives (g P from task 2 on), the learning-rate schedule, wh
 the statistics option `--accumulation sum`, and how main() wires statistics, projectors and the
 teacher together. The method's defaults are checked against the official configs."""
 import itertools
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,7 +74,7 @@ def random_projectors(model, seed=0):
 
 
 def task_batches(task, args, t, batch_size):
-    """The task batches train_task draws (its loader: shuffled, seed --seed * 1000 + t, cycled)."""
+    """The task batches train_loop draws (its loader: shuffled, seed --seed * 1000 + t, cycled)."""
     return common.forever(common.make_loader(task.train, batch_size, shuffle=True, seed=args.seed * 1000 + t))
 
 
@@ -160,14 +162,17 @@ def test_method_defaults_are_the_official_config():
                    "ref_n": 1000}, "a method default differs from the official GNSP config"
     for order, table in OFFICIAL.items():
         a = gnsp.parse_args(["--order", order, "--out", "/nonexistent"])
-        for name, (lr, iterations) in table.items():
-            assert gnsp.task_hparams(a, name) == (iterations, 64, lr, 100), \
+        for t, (name, (lr, iterations)) in enumerate(table.items()):
+            task = SimpleNamespace(name=name)
+            assert gnsp.hparams(a, task, t) == common.HParams(iterations, 64, lr, warmup=100, schedule="warmup+cosine"), \
                 f"order {order} {name}: (iterations, batch, lr, warm-up) should be ({iterations}, 64, {lr}, 100)"
-            assert gnsp.ref_batch_size(a, name) == 64, "reference pairs per step should equal the batch size"
+            assert gnsp.ref_batch_size(a, task, t) == 64, "reference pairs per step should equal the batch size"
     # flags override every task's default
     a = gnsp.parse_args(["--out", "/nonexistent", "--iterations", "7", "--batch-size", "5", "--lr", "3e-4",
                          "--warmup", "2", "--ref-batch-size", "9"])
-    assert gnsp.task_hparams(a, "DTD") == (7, 5, 3e-4, 2) and gnsp.ref_batch_size(a, "DTD") == 9
+    task = SimpleNamespace(name="DTD")
+    assert gnsp.hparams(a, task, 3) == common.HParams(7, 5, 3e-4, warmup=2, schedule="warmup+cosine")
+    assert gnsp.ref_batch_size(a, task, 3) == 9
 
 
 @pytest.mark.parametrize("order,name", [("I", "Aircraft"), ("II", "DTD")])
@@ -181,7 +186,7 @@ def test_mtil_defaults_reach_the_optimiser(tiny_clip, adamw_spy, monkeypatch, or
     monkeypatch.setattr(common, "progress", lambda it, enabled, **kw: itertools.islice(it, 2))
     args = gnsp.parse_args(["--order", order, "--out", "/nonexistent", "--no-progress", "--workers", "0"])
     lr, iterations = OFFICIAL[order][name]
-    gnsp.train_task(tiny_clip, fake_task(8, 0, name), 1, args, CPU, random_projectors(tiny_clip))
+    gnsp.train_loop(tiny_clip, fake_task(8, 0, name), 1, args, CPU, random_projectors(tiny_clip))
     assert sched == [(0, lr, 100, iterations), (1, lr, 100, iterations)], "cosine_lr(step, lr, warm-up, iterations)"
     assert [g for lrs in adamw_spy.lrs for g in lrs] == pytest.approx([lr / 100, 2 * lr / 100], rel=1e-9), \
         "AdamW did not see the warm-up lr of the first steps"
@@ -229,7 +234,7 @@ CASES = {   # flags, t, P?, ref?, expected weights
 @pytest.mark.parametrize("case", list(CASES))
 def test_step_losses_are_ce_plus_weighted_cd_and_map(clip, teacher, monkeypatch, case):
     """Every step's loss equals L_CE(label smoothing, logit_scale, templates[0]) + lambda_CD
-    L_CD(T) + lambda_MAP L_MAP recomputed here, and train_task returns their mean. With lr 1e-12
+    L_CD(T) + lambda_MAP L_MAP recomputed here, and train_loop returns their mean. With lr 1e-12
     the weights do not move, so each step is recomputed on the initial model with the batches it
     draws; 3 steps over 2 reference batches check that Z0 follows the reference batch."""
     flags, t, with_P, with_ref, w = CASES[case]
@@ -245,12 +250,12 @@ def test_step_losses_are_ce_plus_weighted_cd_and_map(clip, teacher, monkeypatch,
     seen = []
     real_check = common.check_finite
     monkeypatch.setattr(common, "check_finite", lambda loss, *a: seen.append(loss.item()) or real_check(loss, *a))
-    mean = gnsp.train_task(model, task, t, args, CPU, random_projectors(model) if with_P else None, ref, Z0)
+    mean = gnsp.train_loop(model, task, t, args, CPU, random_projectors(model) if with_P else None, ref, Z0)
     assert len(seen) == 3
     for step, (a, b) in enumerate(zip(seen, want)):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), \
             f"step {step}: loss {a:.6f} != CE + {w.get('w_cd', 1.0)} CD + {w.get('w_map', 0.75)} MAP = {b:.6f}"
-    assert mean == pytest.approx(sum(want) / 3, rel=1e-4), "train_task should return the mean step loss"
+    assert mean == pytest.approx(sum(want) / 3, rel=1e-4), "train_loop should return the mean step loss"
 
 
 # ---- the gradient AdamW receives, the schedule, and which weights move ---------------------------------
@@ -283,7 +288,7 @@ def test_default_gradient_projection_reaches_adamw(clip, teacher, adamw_spy):
     W = {n: lin.weight for n, lin in gnsp.protected_layers(model).items()}
     g = manual_grads(model, task, args, ref, Z0, W, 3)
     adamw_spy.watch = {id(w) for w in W.values()}
-    gnsp.train_task(model, task, 1, args, CPU, P, ref, Z0)
+    gnsp.train_loop(model, task, 1, args, CPU, P, ref, Z0)
     assert len(adamw_spy.grads) == 3, "AdamW should step once per iteration"
     assert {id(p) for grp in adamw_spy.opts[0].param_groups for p in grp["params"]} == adamw_spy.watch, \
         "from task 2 AdamW should optimise exactly the protected weights"
@@ -306,7 +311,7 @@ def test_project_update_keeps_the_weight_change_in_range_of_P(clip, teacher, ada
     W = {n: lin.weight for n, lin in gnsp.protected_layers(model).items()}
     W0 = {n: w.detach().clone() for n, w in W.items()}
     adamw_spy.watch = {id(w) for w in W.values()}
-    gnsp.train_task(model, task, 1, args, CPU, P, ref, Z0)
+    gnsp.train_loop(model, task, 1, args, CPU, P, ref, Z0)
     for n, w in W.items():
         dW = w.detach() - W0[n]
         assert dW.norm() > 0, f"{n} did not change"
@@ -327,7 +332,7 @@ def test_lr_is_warmup_then_cosine_at_every_step(tiny_clip, adamw_spy, t, warmup_
     model = tiny_clip
     args = args_for("--iterations", "8", "--lr", "1e-3", *(["--warmup", warmup_flag] if warmup_flag else []))
     P = random_projectors(model) if t else None
-    gnsp.train_task(model, fake_task(6), t, args, CPU, P)
+    gnsp.train_loop(model, fake_task(6), t, args, CPU, P)
     want = expected_schedule(1e-3, warmup, 8)
     got = [lrs[0] for lrs in adamw_spy.lrs]
     assert all(len(set(lrs)) == 1 for lrs in adamw_spy.lrs), "every param group should get the same lr"
@@ -353,7 +358,7 @@ def test_from_task_2_only_the_protected_weights_move(clip, teacher):
     args = args_for("--lr", "1e-3")
     task, ref, Z0, P = setup_task2(model, teacher)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gnsp.train_task(model, task, 1, args, CPU, P, ref, Z0)
+    gnsp.train_loop(model, task, 1, args, CPU, P, ref, Z0)
     want = protected_keys(model)
     assert len(want) == 2 * len(model.blocks("visual")) + 1
     got = changed_keys(model, before)
@@ -370,7 +375,7 @@ def test_first_task_trains_all_but_logit_scale_or_only_protected(tiny_clip, firs
     ref = ref_pairs(8) if with_ref else None
     Z0 = gnsp.teacher_logits(model, ref, 4, args, CPU) if with_ref else None
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gnsp.train_task(model, fake_task(6), 0, args, CPU, None, ref, Z0)
+    gnsp.train_loop(model, fake_task(6), 0, args, CPU, None, ref, Z0)
     got = changed_keys(model, before)
     if first_task == "full":
         want = {k for k, _ in model.named_parameters()} - {"clip.logit_scale"}
@@ -401,11 +406,11 @@ def test_accumulation_sum_adds_every_layer_without_renormalising(tiny_clip):
         args = gnsp.parse_args(["--benchmark", "toy", "--out", "/nonexistent", "--gram-batch-size", "3",
                                 "--accumulation", mode])
         M = {}
-        gnsp.after_task(model, A, 0, args, CPU, M)
-        gnsp.after_task(model, B, 1, args, CPU, M)
+        gnsp.accumulate_statistics(model, A, 0, args, CPU, M)
+        gnsp.accumulate_statistics(model, B, 1, args, CPU, M)
         M2 = {n: m.clone() for n, m in M.items()}
         assert abs(M2["visual.0.mlp.c_fc"].norm().item() - 1) > 1e-3
-        gnsp.after_task(model, B, 2, args, CPU, M)
+        gnsp.accumulate_statistics(model, B, 2, args, CPU, M)
         for n in M:
             prev = M2[n] / M2[n].norm() if (mode == "gnsp" and n == "visual.proj") else M2[n]
             assert torch.allclose(M[n], prev + S[n], atol=1e-5), f"--accumulation {mode}: wrong M_t for {n}"
@@ -427,7 +432,7 @@ def test_main_wires_statistics_projectors_and_the_original_teacher(tiny_clip, tm
     monkeypatch.setattr(common, "evaluate_all", lambda model, tasks, args, device, t=-1: [0.0] * len(tasks))
     monkeypatch.setattr(common, "plot_matrix", lambda *a, **k: None)
     calls, Ms = [], []
-    real_train, real_after = gnsp.train_task, gnsp.after_task
+    real_train, real_after = gnsp.train_loop, gnsp.accumulate_statistics
 
     def train_spy(model, task, t, args, device, P=None, ref=None, Z0=None):
         calls.append({"t": t, "task": task.name, "P": None if P is None else {n: p.clone() for n, p in P.items()},
@@ -438,8 +443,8 @@ def test_main_wires_statistics_projectors_and_the_original_teacher(tiny_clip, tm
         real_after(model, task, t, args, device, M)
         Ms.append((t, {n: m.clone() for n, m in M.items()}))
 
-    monkeypatch.setattr(gnsp, "train_task", train_spy)
-    monkeypatch.setattr(gnsp, "after_task", after_spy)
+    monkeypatch.setattr(gnsp, "train_loop", train_spy)
+    monkeypatch.setattr(gnsp, "accumulate_statistics", after_spy)
     gnsp.main(["--benchmark", "toy", "--iterations", "2", "--batch-size", "4", "--ref-n", "8", "--ref-batch-size", "4",
                "--align-n", "8", "--gram-batch-size", "3", "--rho", "0.3", "--out", str(tmp_path / "run"),
                "--no-progress"])
@@ -447,12 +452,21 @@ def test_main_wires_statistics_projectors_and_the_original_teacher(tiny_clip, tm
     assert [t for t, _ in Ms] == [0, 1], "statistics after every task but the last"
     assert calls[0]["P"] is None, "task 1 must not be projected"
     names = set(gnsp.protected_layers(tiny_clip))
+    dims = [0]
     for c, (t_prev, M) in zip(calls[1:], Ms):
         assert c["P"] is not None and set(c["P"]) == names, f"task {c['t'] + 1}: no projector for every protected layer"
+        dims.append(0)
         for n in names:
-            P_want, _ = gnsp.null_space_projector(M[n], 0.3)
+            P_want, k = gnsp.null_space_projector(M[n], 0.3)
+            dims[-1] += k
             assert torch.allclose(c["P"][n], P_want, atol=1e-5), \
                 f"task {c['t'] + 1}, {n}: P is not the --rho null-space projector of M after task {t_prev + 1}"
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["protected_dims"] == dims, "protected_dims should be the number of protected directions, all layers"
+    assert set(s["zero_shot_info"]) == {"modality_gap", "i2t_r1", "t2i_r1"}, "the zero-shot alignment metrics"
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["state"]
+    assert set(state) == {"model", "M"} and all(torch.equal(state["M"][n], Ms[-1][1][n]) for n in names), \
+        "the checkpoint should hold the weights and the latest statistics M"
     for n in names - {"visual.proj"}:
         assert (Ms[1][1][n] - Ms[0][1][n]).norm().item() == pytest.approx(1.0, abs=1e-4), \
             f"{n}: M should keep the earlier tasks' statistics and add a unit-norm term"

@@ -12,7 +12,8 @@ the helpers that tests/test_keeplora.py checks against their definitions):
     plain cross-entropy over logit_scale * cos(image, templates[0] text), gradient descent;
   * after the task: W grows by exactly s_l (alpha/r) B A and the model's function is kept, the
     LoRA is reset, M' is extended by the task's own input features (GPM);
-  * main: M' starts as W_p of each weight with the tower's eps_w on the code's side.
+  * setup (through main): M' starts as W_p of each weight with the tower's eps_w on the code's side;
+  * checkpoint / restore: the merged q, k, v, out weights and M' come back exactly.
 """
 import copy
 import math
@@ -83,7 +84,7 @@ def full_data(task):
 
 
 def ref_gradients(model, lora, task):
-    """Full-data gradient dL/dW (paper orientation, (d_in, d_out)) at the current weights, LoRA off,
+    """Full-data gradient dL/dW (code orientation, (d_in, d_out)) at the current weights, LoRA off,
     computed on a copy so the model under test is untouched."""
     m2 = copy.deepcopy(model)
     names = list(lora)
@@ -152,12 +153,15 @@ def test_mtil_task_hparams_follow_official_configs(order, epochs):
     args = kl.parse_args(["--order", order])
     task = SimpleNamespace(train=range(1000))
     for t, e in enumerate(epochs):
-        assert kl.task_hparams(args, task, t) == (e * math.ceil(1000 / 64), 64, 1e-3), f"order {order}, task {t}"
-    assert len(kl.MTIL_DEFAULTS["epochs"][order]) == 11
+        hp = kl.hparams(args, task, t)
+        assert (hp.iterations, hp.batch_size, hp.lr, hp.warmup, hp.schedule) == \
+            (e * math.ceil(1000 / 64), 64, 1e-3, 0, "onecycle"), f"order {order}, task {t}: {hp}"
+    assert len(kl.DEFAULTS["epochs_per_task"][0][order]) == 11
     over = kl.parse_args(["--order", order, "--iterations", "7", "--batch-size", "5", "--lr", "0.02"])
-    assert kl.task_hparams(over, task, 3) == (7, 5, 0.02)
+    hp = kl.hparams(over, task, 3)
+    assert (hp.iterations, hp.batch_size, hp.lr) == (7, 5, 0.02)
     bs = kl.parse_args(["--order", order, "--batch-size", "100"])           # the step count follows the batch
-    assert kl.task_hparams(bs, task, 0)[0] == epochs[0] * 10
+    assert kl.hparams(bs, task, 0).iterations == epochs[0] * 10
 
 
 # ---- the LoRA branch -----------------------------------------------------------------------------
@@ -178,8 +182,8 @@ def test_lora_linear_forward_merge_and_protection(d_in, d_out, r, alpha, s, seed
     W0, b = base.weight.detach().clone(), base.bias.detach().clone()
     with torch.no_grad():
         assert torch.allclose(m(x), x @ W0.T + b), "A = B = 0 must leave the layer unchanged"
-        A = torch.randn(r, d_in, generator=g, dtype=torch.float64)          # A^T of the paper
-        B = torch.randn(d_out, r, generator=g, dtype=torch.float64)         # B^T of the paper
+        A = torch.randn(r, d_in, generator=g, dtype=torch.float64)          # A^T of the code
+        B = torch.randn(d_out, r, generator=g, dtype=torch.float64)         # B^T of the code
         m.A.copy_(A)
         m.B.copy_(B)
         want = x @ W0.T + b + s * (alpha / r) * (x @ A.T) @ B.T             # y = x W + s (alpha/r) x A B
@@ -241,7 +245,7 @@ def test_init_task_A_is_top_residual_gradient_directions(tiny_clip, variant):
     W0 = {n: m.base.weight.detach().clone() for n, m in lora.items()}
     kl.init_task(tiny_clip, lora, M, task, 0, args, CPU)
     for n, m in lora.items():
-        A = m.A.double().T                                                  # paper A: (d_in, r)
+        A = m.A.double().T                                                  # code A: (d_in, r)
         Mn = M[n].double()
         G_hat = G[n] - Mn @ (Mn.T @ G[n])                                   # (I - M'M'^T) G
         k = min(args.rank, Mn.shape[0] - Mn.shape[1])
@@ -251,7 +255,7 @@ def test_init_task_A_is_top_residual_gradient_directions(tiny_clip, variant):
             f"{n}: A not orthonormal"
         off = (Mn.T @ A).abs().max()
         assert off < 1e-5, f"{n}: A is not orthogonal to M' (max |M'^T A| {off:.2e})"
-        # optimality (Prop. 3.2): A holds the energy of the top-k left singular vectors of G_hat
+        # optimality: A holds the energy of the top-k left singular vectors of G_hat
         # (the energy, not the span: the singular values of a random model's gradient lie close)
         best = float((torch.linalg.svdvals(G_hat)[:k] ** 2).sum())
         got = float(((A.T @ G_hat) ** 2).sum())
@@ -287,7 +291,7 @@ def test_train_task_moves_only_B(tiny_clip, variant, monkeypatch):
         return out
 
     monkeypatch.setattr(kl, "init_task", spy_init)
-    kl.train_task(tiny_clip, lora, M, fake_task(12), 0, args, CPU)
+    kl.train_task(tiny_clip, {"lora": lora, "M": M}, fake_task(12), 0, args, CPU)
     after = snapshot(tiny_clip)
     assert at_init, "train_task must start with init_task"
     for k in after:
@@ -326,10 +330,10 @@ def test_train_task_adamw_onecycle_schedule(tiny_clip, iterations, lr, wd):
     M = initial_M(lora)
     log, h = _record_steps()
     try:
-        kl.train_task(tiny_clip, lora, M, fake_task(12), 0, args, CPU)
+        kl.train_task(tiny_clip, {"lora": lora, "M": M}, fake_task(12), 0, args, CPU)
     finally:
         h.remove()
-    max_lr = lr or kl.TOY_DEFAULTS["lr"]
+    max_lr = lr or kl.DEFAULTS["lr"][1]                                   # the toy column
     # reference: torch's OneCycleLR with its defaults, stepped once after every optimizer step
     p = nn.Parameter(torch.zeros(1))
     ref_opt = torch.optim.AdamW([p], lr=max_lr, weight_decay=0.01)
@@ -373,7 +377,7 @@ def test_training_loss_is_plain_ce_and_first_step_descends(tiny_clip, monkeypatc
         return out
 
     monkeypatch.setattr(kl, "init_task", spy_init)
-    loss, _ = kl.train_task(tiny_clip, lora, M, task, 0, args, CPU)
+    loss = kl.train_task(tiny_clip, {"lora": lora, "M": M}, task, 0, args, CPU)["loss"]
     assert loss == pytest.approx(want, rel=2e-6), \
         f"training loss {loss:.6f} != plain CE over logit_scale * cos(image, templates[0] text) = {want:.6f}"
     # dL/dB at the start; AdamW's first step from B = 0 is B1 = -lr0 g / (|g| + eps) = -lr0 sign(g)
@@ -402,7 +406,7 @@ def _trained(tiny_clip, *flags, n=12):
     lora = kl.add_keeplora(tiny_clip, args)
     M = initial_M(lora)
     task = fake_task(n)
-    kl.train_task(tiny_clip, lora, M, task, 0, args, CPU)
+    kl.train_task(tiny_clip, {"lora": lora, "M": M}, task, 0, args, CPU)
     return args, lora, M, task
 
 
@@ -420,7 +424,7 @@ def test_after_task_merges_exactly_and_keeps_function(tiny_clip, flags):
             s = expected_scale(n, tiny_clip, args.gamma, scale_text)
             assert m.B.abs().max() > 0, f"{n}: B did not train"
             W_want[n] = m.base.weight + s * (args.alpha / args.rank) * m.B @ m.A   # W + s (alpha/r) (A B)^T
-    kl.after_task(tiny_clip, lora, M, task, 0, args, CPU)
+    kl.after_task(tiny_clip, {"lora": lora, "M": M}, task, 0, args, CPU)
     for n, m in lora.items():
         assert torch.all(m.A == 0) and torch.all(m.B == 0), f"{n}: LoRA not reset after the merge"
         assert m.enabled, f"{n}: LoRA must stay enabled for the next task"
@@ -447,7 +451,7 @@ def test_after_task_extends_M_with_task_features(tiny_clip, monkeypatch, stat, e
         return real(images, *a, **kw)
 
     monkeypatch.setattr(tiny_clip, "encode_image", spy)
-    kl.after_task(tiny_clip, lora, M, task, 0, args, CPU)
+    kl.after_task(tiny_clip, {"lora": lora, "M": M}, task, 0, args, CPU)          # M updated in place
     monkeypatch.undo()
     assert [len(b) for b in seen] == [6, 6], f"feature pass saw batches of {[len(b) for b in seen]}, want the split"
     fingerprint = lambda x: sorted(x.flatten(1).sum(1).tolist())          # noqa: E731
@@ -495,8 +499,8 @@ class _Stop(Exception):
 def test_main_starts_M_at_principal_subspace_per_tower(monkeypatch, tmp_path, flags, eps):
     seen = {}
 
-    def fake_train(model, lora, M, task, t, args, device):
-        seen.update(lora=lora, M={k: v.clone() for k, v in M.items()}, args=args)
+    def fake_train(model, method, task, t, args, device):
+        seen.update(lora=method["lora"], M={k: v.clone() for k, v in method["M"].items()}, args=args)
         raise _Stop
 
     monkeypatch.setattr(kl, "train_task", fake_train)
@@ -513,3 +517,32 @@ def test_main_starts_M_at_principal_subspace_per_tower(monkeypatch, tmp_path, fl
         got = seen["M"][k]
         assert got.shape == want.shape and torch.allclose(proj(got), proj(want), atol=1e-5), \
             f"{k}: M'_0 has {got.shape[1]} columns, W_p({e}, {side}) has {want.shape[1]}"
+
+
+# ---- checkpoint and restore ---------------------------------------------------------------------------
+
+def test_checkpoint_restore_round_trip(tiny_clip):
+    import io
+    args = make_args()
+    fresh = copy.deepcopy(tiny_clip)
+    lora = kl.add_keeplora(tiny_clip, args)
+    method = {"lora": lora, "M": initial_M(lora)}
+    with torch.no_grad():                                                   # weights of an earlier merged task
+        g = torch.Generator().manual_seed(4)
+        for m in lora.values():
+            m.base.weight.add_(0.1 * torch.randn(m.base.weight.shape, generator=g))
+    state = kl.checkpoint(tiny_clip, method)
+    assert set(state) == {"W", "M"} and set(state["W"]) == set(lora) == set(state["M"])
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)                              # what --resume reads
+    lora2 = kl.add_keeplora(fresh, args)
+    method2 = {"lora": lora2, "M": {n: torch.zeros(m.A.shape[1], 0) for n, m in lora2.items()}}
+    kl.restore(fresh, method2, state, args, CPU)
+    for n in lora:
+        assert torch.equal(lora2[n].base.weight, lora[n].base.weight), f"{n}: W not restored"
+        assert torch.equal(method2["M"][n], method["M"][n]), f"{n}: M' not restored"
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode_image(x), tiny_clip.encode_image(x)), "restored model computes another function"

@@ -140,13 +140,17 @@ def _args(tmp_path, **kw):
     return a
 
 
-def test_run_folder_checkpoint_resume_and_errors(tmp_path):
+def test_run_folder_checkpoint_resume_and_errors(tmp_path, capsys):
     args = _args(tmp_path)
     tasks = [data.Task(n, [], [], [], []) for n in ("a", "b")]
     plan = [common.HParams(5, 4, 1e-3), common.HParams(6, 4, 2e-3, warmup=1)]
     run = common.Run(args, tasks, plan)
     run.set_zero_shot([1.0, 2.0], {"gap": 0.5, "note": "printed only"})
-    run.finish_task(0, [3.0, 4.0], {"w": torch.ones(2)}, {"trainable_params": 7, "loss": 0.25, "k": 3, "note": "x"})
+    run.finish_task(0, [3.0, 4.0], {"w": torch.ones(2)}, {"trainable_params": 7, "loss": 0.25, "note": "from training"},
+                    {"k": 3, "note": "from after_task"}, {})
+    out = capsys.readouterr().out
+    assert "printed only" in out and "loss 0.250" in out, "the zero-shot note and the loss are printed"
+    assert "from training" in out and "from after_task" in out, "every hook's note is printed"
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["acc_matrix"] == [[3.0, 4.0]] and s["zero_shot"] == [1.0, 2.0] and s["trainable_params"] == 7
     assert s["loss"] == [0.25] and s["k"] == [3] and "note" not in s, "per-task info lists; notes are not saved"

@@ -264,7 +264,7 @@ def test_keeplora_uses_its_own_template_lists(monkeypatch, tiny_clip):
     class Stop(Exception):
         pass
 
-    def fake_run(method, args, names):
+    def fake_run(args, tasks_, plan):
         seen.update({t.name: t.templates[0] for t in tasks})
         raise Stop
 

@@ -149,7 +149,7 @@ def test_after_task_statistics_and_accumulation(tiny_clip):
     model, args = tiny_clip, toy_args("--gram-batch-size", "3")
     A, B = fake_task(6, 0), fake_task(3, 5)
     M = {}
-    gnsp.after_task(model, A, 0, args, CPU, M)
+    gnsp.accumulate_statistics(model, A, 0, args, CPU, M)
     # by hand: two batches of 3 images, each Gram Frobenius-normalised, summed, normalised
     loader = common.make_loader(A.train, 3, shuffle=True, seed=args.seed * 1000 + 0)
     S = {}
@@ -165,13 +165,13 @@ def test_after_task_statistics_and_accumulation(tiny_clip):
     assert stored_inputs(model, A.train.x[:3])["visual.proj"].shape[0] == 3
     # task 2: MLP layers add, visual.proj renormalises the history first (equal here: it is unit-norm)
     M1 = {n: m.clone() for n, m in M.items()}
-    gnsp.after_task(model, B, 1, args, CPU, M)
+    gnsp.accumulate_statistics(model, B, 1, args, CPU, M)
     x = B.train.x
     for n, X in stored_inputs(model, x).items():
         G = X.T @ X
         assert torch.allclose(M[n], M1[n] + G / G.norm(), atol=1e-5)
     M2 = {n: m.clone() for n, m in M.items()}
-    gnsp.after_task(model, B, 1, args, CPU, M)
+    gnsp.accumulate_statistics(model, B, 1, args, CPU, M)
     G = stored_inputs(model, x)["visual.proj"]
     G = G.T @ G
     assert torch.allclose(M["visual.proj"], M2["visual.proj"] / M2["visual.proj"].norm() + G / G.norm(), atol=1e-5)
@@ -201,7 +201,7 @@ def small_clip(monkeypatch):
     """A random tiny CLIP with a fixed vision tower (2 blocks, width 96, 17 tokens per 32x32 image),
     independent of the toy model's tuning: one image's inputs span fewer dimensions than d."""
     vision = {"image_size": 32, "patch_size": 8, "width": 96, "layers": 2, "head_width": 32}
-    monkeypatch.setitem(common.TOY_MODEL_CFG, "vision_cfg", vision)
+    monkeypatch.setitem(data.TOY_CLIP_CFG, "vision_cfg", vision)
     torch.manual_seed(0)
     return common.load_clip(common.TOY_MODEL, "none", "cpu")
 
@@ -210,7 +210,7 @@ def protect(model, n_images, rho):
     """Task A's statistics (one batch, so M is proportional to X^T X per layer), its projectors,
     and the stored inputs X of every protected layer."""
     A, M = fake_task(n_images, 0), {}
-    gnsp.after_task(model, A, 0, toy_args(), CPU, M)
+    gnsp.accumulate_statistics(model, A, 0, toy_args(), CPU, M)
     P, k = {}, {}
     for n, m in M.items():
         P[n], k[n] = gnsp.null_space_projector(m, rho)
@@ -235,12 +235,12 @@ def sgd_steps(model, P, steps=2, lr=0.1):
 
 
 def adamw_steps(model, P, mode):
-    """gnsp.train_task itself (AdamW, CE + CD + MAP on reference pairs) for task 2."""
+    """gnsp.train_loop itself (AdamW, CE + CD + MAP on reference pairs) for task 2."""
     args = toy_args("--iterations", "3", "--batch-size", "4", "--lr", "1e-3", "--project", mode)
     g = torch.Generator().manual_seed(3)
     ref = [(torch.randn(3, 32, 32, generator=g), c) for c in ["a red thing", "a blue thing", "a red thing"] * 2]
     Z0 = gnsp.teacher_logits(model, ref, 4, args, CPU)
-    gnsp.train_task(model, fake_task(8, 7, "B"), 1, args, CPU, P, ref, Z0)
+    gnsp.train_loop(model, fake_task(8, 7, "B"), 1, args, CPU, P, ref, Z0)
 
 
 def output_change(model, W0, X):
@@ -365,12 +365,13 @@ def test_toy_end_to_end_and_resume(tmp_path, toy_weights):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     for key in ["method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average",
-                "last", "trainable_params", "seconds", "modality_gap", "i2t_r1", "t2i_r1", "alignment_zero_shot",
-                "protected_dims", "after_task_seconds"]:
+                "last", "trainable_params", "seconds", "modality_gap", "i2t_r1", "t2i_r1", "zero_shot_info",
+                "protected_dims", "after_task_seconds", "loss"]:
         assert key in s, key
     assert s["method"] == "gnsp" and len(s["acc_matrix"]) == 2 == len(s["modality_gap"]) == len(s["i2t_r1"])
     assert s["protected_dims"][0] == 0 < s["protected_dims"][1]
-    assert set(s["alignment_zero_shot"]) == {"modality_gap", "i2t_r1", "t2i_r1"}
+    assert set(s["zero_shot_info"]) == {"modality_gap", "i2t_r1", "t2i_r1"}   # the untouched CLIP's alignment
+    assert len(s["loss"]) == 2 and all(v > 0 for v in s["loss"])
     assert "modality gap" in r.stdout and "Transfer" in r.stdout and "protected input directions" in r.stdout
     # interrupted after task 1, resumed: the same matrix and alignment values
     assert run(*base, "--max-tasks", "1", "--out", tmp_path / "b").returncode == 0

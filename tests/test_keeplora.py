@@ -30,7 +30,7 @@ def rand_orthonormal(d, k, gen):
 
 def test_layer_scales_formula_and_placement(tiny_clip):
     s = kl.layer_scales(12, 0.2)
-    table = [0.200, 0.273, 0.345, 0.418, 0.491, 0.564, 0.636, 0.709, 0.782, 0.855, 0.927, 1.000]  # research/keeplora.md Sec. 3
+    table = [0.200, 0.273, 0.345, 0.418, 0.491, 0.564, 0.636, 0.709, 0.782, 0.855, 0.927, 1.000]  # @7abf7ec:MTIL/model/peft_vit.py:build_layer_scales, 12 layers, gamma 0.2
     assert all(abs(a - b) < 5e-4 for a, b in zip(s, table))
     assert kl.layer_scales(1, 0.2) == [1.0] and kl.layer_scales(5, 1.0) == [1.0] * 5
     for L in (2, 3, 7):
@@ -83,7 +83,7 @@ def test_principal_subspace_sides():
     assert kl.principal_subspace(W, 0.0, "code").shape == (10, 0)
 
 
-# ---- the residual A (Sec. 2.3, Prop. 3.2) ------------------------------------------------------
+# ---- the residual A (@a17f9c2:MTIL/trainer/trainer.py:Trainer.in_proj_weight_process) -----------
 
 @FAST
 @given(d_in=st.integers(3, 20), d_out=st.integers(2, 20), k_frac=st.floats(0, 0.9), r=st.integers(1, 8),
@@ -126,7 +126,7 @@ def test_residual_A_saturation_guards():
     assert torch.all(kl.residual_A(G_in, M, 4)[0] == 0)
 
 
-# ---- GPM update (Sec. 2.6) ---------------------------------------------------------------------
+# ---- GPM update (@a17f9c2:MTIL/model/prin_subspace.py:PrinSubspace._update_prin_subspace) -----
 
 @FAST
 @given(d=st.integers(3, 16), n=st.integers(2, 40), k_frac=st.floats(0, 0.8), eps=st.floats(0.3, 0.999),
@@ -204,7 +204,7 @@ def test_gradient_estimate_is_mean_gradient_with_lora_off(tiny_clip):
         for acc, gr in zip(ref, torch.autograd.grad(kl.task_loss(plain, x, y, task, CPU), Ws)):
             acc += gr / len(batches)
     for n, r in zip(names, ref):
-        assert torch.allclose(G[n], r.T, atol=1e-6)             # paper orientation (d_in, d_out)
+        assert torch.allclose(G[n], r.T, atol=1e-6)             # code orientation (d_in, d_out)
     assert all(not m.base.weight.requires_grad and m.base.weight.grad is None and m.enabled for m in lora.values())
 
 
@@ -222,7 +222,7 @@ def test_outputs_on_protected_span_do_not_move(tiny_clip, variant, tmp_path):
         M[n] = kl.gpm_extend(M[n], X @ X.T, 0.9)
     W0 = {n: m.base.weight.detach().clone() for n, m in lora.items()}
     task = fake_task()
-    kl.train_task(tiny_clip, lora, M, task, 0, args, CPU)      # init A (+ v1 shift), 4 real AdamW steps on B
+    kl.train_task(tiny_clip, {"lora": lora, "M": M}, task, 0, args, CPU)  # init A (+ v1 shift), 4 real AdamW steps on B
     moved = 0.0
     for n, m in lora.items():
         assert m.B.abs().max() > 0
@@ -230,7 +230,7 @@ def test_outputs_on_protected_span_do_not_move(tiny_clip, variant, tmp_path):
         x_any = torch.randn(7, M[n].shape[0], generator=g)
         with torch.no_grad():
             ref = F.linear(x_in, W0[n], m.base.bias)
-            assert (m(x_in) - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())       # Prop. 3.1: no change
+            assert (m(x_in) - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())       # x in span(M'): x A = 0, no change
             moved = max(moved, float((m(x_any) - F.linear(x_any, W0[n], m.base.bias)).abs().max()))
             before = m(x_any)
             m.merge_and_reset()
@@ -281,6 +281,7 @@ def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
                 "residual_grad_energy", "protected_frac_visual", "protected_frac_text"):
         assert key in s
     assert s["method"] == "keeplora++" and len(s["acc_matrix"]) == 2 and len(s["feature_seconds"]) == 2
+    assert len(s["loss"]) == 2 and all(v > 0 for v in s["loss"])
     assert 0 < s["protected_frac_visual"][0] < s["protected_frac_visual"][1] <= 1
     _cli(toy_weights, tmp_path / "b", "--max-tasks", "1")
     _cli(toy_weights, tmp_path / "b", "--max-tasks", "2", "--resume")
