@@ -6,7 +6,19 @@ arXiv 2303.06628; code: Thunderbeee/ZSCL, mtil/src/datasets/collections.py). We 
 code: the same torchvision loaders and splits (an 80/20 seed-42 random split for Caltech101,
 EuroSAT and SUN397), ZSCL's class names and prompt templates (templates[0] trains, evaluation
 ensembles all of them), Order I (alphabetical) and Order II. Datasets are built from file lists;
-images are decoded only when an item is read.
+images are decoded only when an item is read. Nothing in here trains anything.
+
+Contents, in file order:
+
+  1. MTIL: `Task`, the 11 dataset names and Order I / II, CLIP's preprocessing
+  2. MTIL: prompt templates (ZSCL's, and KeepLoRA's own lists) and hard-coded class names
+  3. MTIL: where each dataset lives on disk and how to get it (`mtil_missing`, one-line errors)
+  4. MTIL: loading one task with ZSCL's splits (`load_mtil_task`, `mtil_tasks`)
+  5. MTIL: labels and few-shot subsets (`few_shot_subset`, `transformed_once`)
+  6. GNSP's reference data: ImageNet-train images with captions (class names from open_clip)
+  7. The toy benchmark: the procedural world, its tasks and orders, the tiny CLIP's config and
+     pretraining recipe, its pretraining stream and reference pairs
+  8. The command line (`--check`, `--download`)
 
     python data.py --check --root DIR       # what is there; what is missing, where, how to get it
     python data.py --download --root DIR    # fetch what torchvision can still download
@@ -31,7 +43,7 @@ from torchvision import transforms as T
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as OPENAI_IMAGENET_CLASSNAMES
 
-# ---- MTIL: tasks, orders, preprocessing ----
+# ---- 1. MTIL: tasks, orders, preprocessing ----
 
 MTIL_DATASETS = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food",
                  "MNIST", "OxfordPet", "StanfordCars", "SUN397"]
@@ -79,7 +91,7 @@ def clip_transforms(image_size: int = 224) -> tuple[Callable, Callable]:
     return train, evaluate
 
 
-# ---- MTIL: prompt templates and hard-coded class names (ZSCL collections.py, cifar10.py) ----
+# ---- 2. MTIL: prompt templates and hard-coded class names (ZSCL collections.py, cifar10.py) ----
 
 TEMPLATES = {
     "Aircraft": ["a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."],
@@ -201,7 +213,7 @@ def _folder_names(folders: list[str], known: list[str], names: list[str]) -> lis
     return [table.get(f, f.replace("_", " ")) for f in folders]
 
 
-# ---- MTIL: where each dataset lives and how to get it ----
+# ---- 3. MTIL: where each dataset lives and how to get it ----
 
 # Paths under the data root that torchvision's loaders read (torchvision 0.29); the first one is
 # the dataset's own folder, so a wholly missing dataset is reported by that folder.
@@ -281,7 +293,7 @@ def mtil_missing(root, names=MTIL_DATASETS) -> list[tuple[str, str, str]]:
     return missing
 
 
-# ---- MTIL: loading one task with ZSCL's splits ----
+# ---- 4. MTIL: loading one task with ZSCL's splits ----
 
 def _with_transform(ds: Dataset, transform) -> Dataset:
     ds = copy.copy(ds)  # shares the file list; only the transform differs
@@ -381,7 +393,7 @@ def mtil_tasks(root, order="I", train_transform=None, eval_transform=None, max_t
     return [load_mtil_task(name, root, train_transform, eval_transform) for name in names]
 
 
-# ---- MTIL: labels and few-shot subsets ----
+# ---- 5. MTIL: labels and few-shot subsets ----
 
 def dataset_targets(ds) -> list[int]:
     """Labels of `ds` in index order, read from the file lists (no image is decoded)."""
@@ -423,7 +435,7 @@ def transformed_once(ds, seed: int = 42) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(images, torch.tensor([int(y) for _, y in items]))
 
 
-# ---- GNSP: ImageNet reference images with captions ----
+# ---- 6. GNSP: ImageNet reference images with captions ----
 
 def _imagenet_how(root: Path) -> str:
     return ("manual (only gnsp.py needs it): get ILSVRC2012_img_train.tar from image-net.org, "
@@ -592,7 +604,7 @@ n12768682 n12985857 n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 
 """.split()
 IMAGENET_CLASSNAMES = list(OPENAI_IMAGENET_CLASSNAMES)  # open_clip's copy of OpenAI's 1000 names
 
-# ---- The toy benchmark: a procedural image-text world and its tiny CLIP (no files shipped) ----
+# ---- 7. The toy benchmark: a procedural image-text world and its tiny CLIP (no files shipped) ----
 # 32x32 RGB images of one object on a background. Every image has six attributes: the object's
 # shape, colour, size and position (a quadrant), and the background's tone and texture. Each toy
 # task asks about one attribute or a combination, with its own class names and prompt templates
@@ -796,7 +808,7 @@ def toy_pretraining_batches(seed: int, batch_size: int, pool: int = 20000):
         yield images[idx], [toy_caption(_codes(a, int(i)), rng) for i in idx]
 
 
-# ---- command line ----
+# ---- 8. The command line ----
 
 def _check(root: Path, names: list[str]) -> int:
     print(f"data root: {root.resolve()}")
