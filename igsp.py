@@ -25,8 +25,8 @@ What the abstract says, and what is reconstructed:
         gradients onto the historical subspace", and "prunes redundant dimensions, treating routing
         probabilities as gradient-flow indicators"; Phase 2 "Orthogonal Subspace Fine-Tuning"
         "fixes the structural basis" and "removes the regularization" to fit the "task-specific
-        residual loss"; "task-agnostic deployment". Claims: -42.7% average trainable and -86.9%
-        final total parameters.
+        residual loss". Claims: -42.7% average trainable and -86.9% final total parameters. The
+        abstract says nothing about how the task is found at test time.
   RECONSTRUCTED (every formula and number behind those words): M = 4 zero-output candidates per
         block and encoder; historical experts frozen; regulariser Omega_sub = routing mass on the
         candidates, weight lambda_s = 0.1 (an expert's gradient is scaled by its gate, so moving
@@ -116,7 +116,9 @@ DEFAULTS = {
     # -- task selector (DDAS: src/models/AutoEncoder.py; ours is a DEVIATION, see TaskSelector)
     "selector_hidden": (100, 16),               # Autoencoder(code_dims=100). toy: CHOICE: measured, see notes/igsp.md
     "selector_steps": (300, 300),               # scripts: the chooser's --iterations 300
-    "selector_lr": (1e-2, 1e-2),                # exp_lr_scheduler(..., 0.01); Adam wd 1e-4
+    # DEVIATION: a constant lr; DDAS passes 0.01 (few-shot: 0.003) to exp_lr_scheduler, which decays
+    # it every 10 epochs (AutoEncoder.py, few_shot_AutoEncoder.py:exp_lr_scheduler). Adam wd 1e-4 as DDAS.
+    "selector_lr": (1e-2, 1e-2),
     "selector_samples": (2000, 2000),           # RECONSTRUCTED: training images per task
     "selector_quantile": (0.95, 0.95),          # RECONSTRUCTED: threshold = this quantile of the task's own error
     "select_per": ("sample", "sample"),         # DEVIATION: DDAS decides per test batch
@@ -365,7 +367,7 @@ def omega_orth(moes: dict[str, MoEMLP]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# ---- RECONSTRUCTED: task-free inference (abstract: "task-agnostic deployment"); both variants,
+# ---- RECONSTRUCTED: task-free inference (the abstract is silent on it); both variants,
 # ----                a DEVIATION from MoE-Adapters' DDAS ----
 # ---------------------------------------------------------------------------------------------
 
