@@ -266,7 +266,7 @@ def reference_data(args, tasks: list, model: common.ClipView):
             print("note: no ImageNet train images: modality gap / retrieval are not reported", flush=True)
             return None, None
         return None, data.imagenet_reference(args.data_root, args.align_n, seed_held, ev)
-    # finetune_gnsp.py: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
+    # helpers.py:prepare_ref_dataset: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
     # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42).
     refs = [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
             for t in tasks]
