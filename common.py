@@ -631,11 +631,13 @@ def accumulate_grams(model_fn: Callable[[object], None], loader: Iterable, modul
     return grams
 
 def orthonormalize(U: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of span(U) (column order kept as far as possible). (d, k) -> (d, rank)."""
+    """Orthonormal basis of span(U) (column order kept as far as possible). (d, k) -> (d, rank).
+    A column whose part outside the span of the earlier ones is below sqrt(eps) (relative) is
+    dependent: round-off leaves exactly dependent columns a residual of a few eps, not zero."""
     if U.shape[1] == 0:
         return U
     Q, R = torch.linalg.qr(U)
-    keep = R.diagonal().abs() > R.diagonal().abs().max() * max(U.shape) * torch.finfo(U.dtype).eps
+    keep = R.diagonal().abs() > R.diagonal().abs().max() * max(U.shape) * torch.finfo(U.dtype).eps ** 0.5
     return Q[:, keep]
 
 # ---------------------------------------------------------------------------------------------
