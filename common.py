@@ -668,8 +668,8 @@ class LossLog:
     the rest (checked too) and returns the mean over the steps, summed in step order as
     `sum += loss.item()` sums them. check=False: a statistic only (read at the end, unchecked)."""
 
-    def __init__(self, task: str, steps: int, device, every: int = LOSS_READ_EVERY, check: bool = True):
-        self.task, self.every, self.check = task, every, check
+    def __init__(self, task: str, steps: int, device, every: int | None = None, check: bool = True):
+        self.task, self.every, self.check = task, every or LOSS_READ_EVERY, check
         self.values = torch.zeros(max(steps, 1), dtype=torch.float64, device=device)  # (steps,)
         self.host: list[float] = []                          # the values read so far, steps 0..len-1
 

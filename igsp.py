@@ -266,6 +266,8 @@ def dispatch(g: torch.Tensor) -> list[torch.Tensor]:
     (as `g[:, i].nonzero()` per expert, MoE-Adapters' SparseDispatcher). One host read per call,
     the expert batch sizes (a device sync on CUDA: one per block, not one per expert)."""
     N, n = g.shape
+    if n == 0:                                                      # every expert of this router was pruned
+        return []
     sent = g > 0                                                    # (N, n)
     counts = sent.sum(0).tolist()                                   # (n,) the only host read
     key = torch.arange(n, device=g.device) * N + torch.arange(N, device=g.device)[:, None]  # (N, n): i * N + b
