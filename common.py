@@ -572,10 +572,11 @@ class _Epochs(torch.utils.data.Sampler):
                 raise UserError("a training split is empty (check the dataset / --few-shot)")
 
 class _Batches(torch.utils.data.Dataset):
-    """Reads one whole batch per key of `_Epochs` and collates it. The random numbers of a batch
-    (random crops) come from its own seed, (epoch seed + batch index): the same batch whichever
-    process reads it, so the data do not depend on --workers (0 reads them in this process, whose
-    random streams are left as they were)."""
+    """Reads one whole batch per key of `_Epochs` and collates it.
+    CHOICE: the random numbers of a batch (random crops) come from its own seed, (epoch seed +
+    batch index): the same batch whichever process reads it, so the data do not depend on
+    --workers (0 reads them in this process, whose random streams are left as they were). A
+    re-iterated DataLoader draws them from each worker's stream, started anew every epoch."""
 
     def __init__(self, ds, collate_fn):
         self.ds, self.collate_fn = ds, collate_fn

@@ -254,16 +254,19 @@ def training_template_index(templates: list[str], args) -> int:
 
 
 class PromptTokens:
-    """The tokens of one prompt per class, built once per task; `of(labels)` gives a batch's, one
-    per sample, cut to the batch's longest prompt exactly as ClipView.tokenize cuts them. It reads
-    the labels on the host (as the loader gives them): no device sync."""
+    """The tokens of one prompt per class, built once per task and kept on `device`; `of` gives a
+    batch's, one per sample, cut to the batch's longest prompt exactly as ClipView.tokenize cuts
+    them: the rows are picked on the device, the length from the labels as the loader gives them
+    (on the host), so no step waits for the device or copies tokens to it."""
 
-    def __init__(self, model: common.ClipView, prompts: list[str]):
-        self.tokens = model.tokenizer(prompts)                               # (C, ctx) uncut
-        self.lengths = (self.tokens != 0).sum(1).tolist()                    # (C,) tokens up to EOT
+    def __init__(self, model: common.ClipView, prompts: list[str], device):
+        tokens = model.tokenizer(prompts)                                    # (C, ctx) uncut
+        self.lengths = (tokens != 0).sum(1).tolist()                         # (C,) tokens up to EOT
+        self.tokens = tokens.to(device)
 
-    def of(self, labels: torch.Tensor) -> torch.Tensor:                      # (N,) host labels -> (N, L)
-        L = max(max(self.lengths[y] for y in labels.tolist()), 1)
+    def of(self, host_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) labels on the host and the same on the device -> (N, L) tokens on the device."""
+        L = max(max(self.lengths[y] for y in host_labels.tolist()), 1)
         return self.tokens[labels][:, :L]
 
 
@@ -288,7 +291,7 @@ def train_pools(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[s
                                                 workers=args.workers, drop_last=len(task.train) >= batch_size,
                                                 device=device))
     template = task.templates[training_template_index(task.templates, args)]  # one prompt per task (alora)
-    prompts = PromptTokens(model, [template.format(c) for c in task.classnames])  # tokenized once per task
+    prompts = PromptTokens(model, [template.format(c) for c in task.classnames], device)  # tokenized once per task
     scaler = common.grad_scaler(device, args.amp)
     losses = common.LossLog(task.name, iterations, device)                 # read every 50 steps, not every step
     ago_losses = common.LossLog(task.name, iterations, device, check=False)
@@ -297,11 +300,10 @@ def train_pools(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[s
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
         # CosineAnnealingLR(T_max = iterations, eta_min = 1e-6), no warm-up (alora)
         common.set_lr(opt, args.eta_min + (lr - args.eta_min) * (1 + math.cos(math.pi * step / iterations)) / 2)
-        images, labels = next(batches)
-        tokens = prompts.of(labels).to(device, non_blocking=True)           # (N, L): the batch's labels, on the host
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, host_labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), host_labels.to(device, non_blocking=True)
         with common.autocast(device, args.amp):                             # off by default (the code: fp32)
-            txt = model.encode_text(tokens, normalize=True)                  # (N, e) one prompt per sample
+            txt = model.encode_text(prompts.of(host_labels, labels), normalize=True)  # (N, e) one prompt per sample
             img = model.encode_image(images, normalize=True)                 # (N, e)
             logits = model.logit_scale.exp() * txt.float() @ img.float().T   # (N, N) frozen logit scale
             loss = multi_positive_clip_loss(logits, labels)                  # L_clip

@@ -366,9 +366,9 @@ def test_rank1_prompt_tokens_are_the_batch_tokenization(labels):
     tiny_clip = _TINY
     prompts = [f"a photo of {c}." for c in ["a red circle", "x", "a small green star on a dark striped background",
                                             "two", "blue"]]
-    table = rank1_pool.PromptTokens(tiny_clip, prompts)
+    table = rank1_pool.PromptTokens(tiny_clip, prompts, CPU)
     y = torch.tensor(labels)
-    assert torch.equal(table.of(y), tiny_clip.tokenize([prompts[i] for i in labels]))
+    assert torch.equal(table.of(y, y.clone()), tiny_clip.tokenize([prompts[i] for i in labels]))
 
 
 def test_gnsp_reference_batches_are_the_loaders(tiny_clip):

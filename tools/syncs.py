@@ -82,7 +82,9 @@ class SyncCounter(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if self._targets_device(func, args, kwargs):
-                self.mark(out)                                      # a move (may return its input itself)
+                if args and out is args[0] and func in MOVES:       # on CUDA a move copies: so here
+                    out = out.clone()
+                self.mark(out)
             elif any(self._is_dev(a) for a in inputs):
                 given = {id(a) for a in inputs}                     # outputs that are inputs keep their place
                 self.mark([o for o in tree_leaves(out) if id(o) not in given])
