@@ -61,6 +61,8 @@ Choices where paper and code are silent (`# CHOICE:`): reference seed = --seed +
 the held-out pairs of the alignment metrics and the metrics' definitions; float32 Gram
 accumulation (as the code); class-prompt features computed once per task while the text tower
 is frozen, and task and reference images in one forward pass (both give the same values).
+The reference images and caption tokens are read once per task (`reference_batches`; the code
+reads them on every pass of its loader; the eval transform is deterministic: the same values).
 """
 from __future__ import annotations
 
