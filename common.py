@@ -12,8 +12,10 @@ Nothing in here is one method's decision. Contents, in file order:
      cached); `ClipView`, open_clip's CLIP where every weight the methods adapt (attention q, k,
      v, out; MLP c_fc, c_proj; the visual projection) is a plain `nn.Linear` that is really
      called, with a canonical named iteration over them (`ClipView.layers()`).
-  3. The training loop's parts: seeded loaders, ZSCL's warm-up + cosine lr, autocast and the
-     fp16 grad scaler, the NaN check, progress bars, the trainable-parameter count.
+  3. The training loop's parts: seeded loaders (`forever`: endless, workers started once per
+     task), ZSCL's warm-up + cosine lr, precision (autocast, TF32, the fp16 grad scaler), the
+     step losses kept on the device and checked for NaN every 50 steps (`LossLog`), progress
+     bars, the trainable-parameter count.
   4. Input statistics and linear algebra: forward hooks on module inputs, Gram accumulation,
      orthonormalisation.
   5. Evaluation and metrics: class prompts, zero-shot heads, which prompts each protocol uses
@@ -99,13 +101,15 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--lr", type=float, default=None, help="one lr for every task (default: paper)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on mtil, 0 on toy)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: mtil one per CPU core but one, 1 to 8; toy 0)")
     g.add_argument("--max-tasks", type=int, default=None,
                    help="stop after training this many tasks (every dataset is still evaluated)")
     g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--amp", choices=["official", "off", "fp16", "bf16"], default="official",
-                   help="autocast of training and evaluation on CUDA (CPU runs stay fp32): official = the "
-                        "method's official code (fp32 for all but KeepLoRA's fp16); bf16 is a speed option")
+    g.add_argument("--amp", choices=["official", "off", "tf32", "fp16", "bf16"], default="official",
+                   help="precision of training and evaluation on CUDA (CPU runs stay fp32): official = the "
+                        "method's official code (off = fp32 for all but KeepLoRA's fp16 autocast); tf32 "
+                        "(fp32 with TF32 matrix products) and bf16 (autocast) are speed options")
     g.add_argument("--eval-prompts", choices=["official", "ensemble"], default="official",
                    help="zero-shot heads: official = the method's official code; ensemble = ZSCL's "
                         "template ensemble for every dataset (one protocol shared by all scripts)")
@@ -131,7 +135,7 @@ def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argp
     if args.pretrained is None:
         args.pretrained = "openai" if args.benchmark == "mtil" else "toy"
     if args.workers is None:
-        args.workers = 4 if args.benchmark == "mtil" else 0
+        args.workers = default_workers() if args.benchmark == "mtil" else 0
     if args.out is None:
         args.out = f"runs/{method}-{args.benchmark}-order{args.order}-seed{args.seed}"
     col = defaults_for(args, defaults)
@@ -214,9 +218,11 @@ def n_train_tasks(args, tasks: list) -> int:
     return min(len(tasks), args.max_tasks or len(tasks))
 
 def setup_model(args, device) -> ClipView:
-    """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it)."""
+    """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it) and sets
+    the run's precision (`set_precision`)."""
     if args.quick_gelu == "auto":
         args.quick_gelu = "on" if wants_quick_gelu(args.model, args.pretrained) else "off"
+    set_precision(torch.device(device), args.amp)
     return load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
                      quick_gelu=args.quick_gelu == "on")
 
@@ -531,7 +537,8 @@ def _worker_init(worker_id: int) -> None:
 
 def make_loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
                 drop_last: bool = False, device: torch.device | None = None):
-    """A DataLoader whose shuffling and worker RNGs are a function of `seed` only."""
+    """A DataLoader whose shuffling and worker RNGs are a function of `seed` only. One pass
+    (evaluation, statistics); a training loop draws from `forever(make_loader(...))`."""
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
@@ -540,8 +547,78 @@ def make_loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=False)
 
+def default_workers() -> int:
+    """--workers on MTIL when not given: one per CPU core this process may use, one core left to
+    the training loop, at least 1 and at most 8 (about what feeds one GPU at batch 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
+
+class _Epochs(torch.utils.data.Sampler):
+    """Endless keys (epoch seed, batch index in the epoch, indices): epoch after epoch, `batch_sampler`'s
+    batches, and before each epoch the int64 that a fresh iterator of the DataLoader draws from
+    `generator`. So the generator is consumed exactly as when the DataLoader is iterated again for
+    every epoch, and the indices of every batch are the same."""
+
+    def __init__(self, batch_sampler, generator: torch.Generator | None):
+        self.batch_sampler, self.generator = batch_sampler, generator
+
+    def __iter__(self):
+        while True:
+            epoch_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator))
+            n = 0
+            for n, indices in enumerate(self.batch_sampler, 1):
+                yield epoch_seed, n - 1, list(indices)
+            if n == 0:
+                raise UserError("a training split is empty (check the dataset / --few-shot)")
+
+class _Batches(torch.utils.data.Dataset):
+    """Reads one whole batch per key of `_Epochs` and collates it.
+    CHOICE: the random numbers of a batch (random crops) come from its own seed, (epoch seed +
+    batch index): the same batch whichever process reads it, so the data do not depend on
+    --workers (0 reads them in this process, whose random streams are left as they were). A
+    re-iterated DataLoader draws them from each worker's stream, started anew every epoch."""
+
+    def __init__(self, ds, collate_fn):
+        self.ds, self.collate_fn = ds, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch_seed, i, indices = key
+        seed = (epoch_seed + i) % 2**63
+        in_worker = torch.utils.data.get_worker_info() is not None
+        states = None if in_worker else (random.getstate(), np.random.get_state())
+        with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            batch = self.collate_fn([self.ds[j] for j in indices])
+        if states is not None:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+        return batch
+
+def _as_is(batch):
+    return batch
+
 def forever(loader) -> Iterator:
-    """Cycle through a loader (a new shuffled epoch each pass), as ZSCL's iteration loop does."""
+    """The batches of `loader` epoch after epoch (a new shuffled epoch each pass, as ZSCL's
+    iteration loop draws them), from one iterator: its worker processes start once, not once per
+    epoch (a 5-shot set is one batch: re-iterating the loader would start them every step). The
+    indices are those of iterating `loader` again for each epoch (`_Epochs`); the random
+    transforms of a batch are drawn from the batch's own seed (`_Batches`)."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+        yield from _cycle(loader)                                  # any other iterable: cycled as it is
+        return
+    endless = torch.utils.data.DataLoader(
+        _Batches(loader.dataset, loader.collate_fn), batch_size=None,
+        sampler=_Epochs(loader.batch_sampler, loader.generator), num_workers=loader.num_workers,
+        collate_fn=_as_is, pin_memory=loader.pin_memory,
+        generator=torch.Generator())  # its own (unused) worker seeds: the global RNG is not drawn from
+    yield from endless
+
+def _cycle(loader) -> Iterator:
     while True:
         yielded = False
         for batch in loader:
@@ -564,19 +641,60 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def autocast(device: torch.device, amp: str):
-    """Autocast for `--amp fp16|bf16` on CUDA; a no-op for `off` and on the CPU (CPU runs are fp32)."""
+    """Autocast for `--amp fp16|bf16` on CUDA; a no-op for `off` and `tf32` (set for the whole run
+    by `set_precision`) and on the CPU (CPU runs are fp32)."""
     if amp in AMP_DTYPES and device.type == "cuda":
         return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
     return contextlib.nullcontext()
+
+def set_precision(device: torch.device, amp: str) -> None:
+    """`--amp tf32`: fp32 tensors, matrix products on TF32 tensor cores (CUDA, Ampere and later),
+    for everything the run computes on the GPU (training, statistics, evaluation). Every other
+    setting keeps PyTorch's default, fp32 products ("highest"). Nothing changes on the CPU."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if amp == "tf32" else "highest")
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """Loss scaling for fp16 training on CUDA (as torch.amp's recipe); disabled (a pass-through) otherwise."""
     return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
 
-def check_finite(loss: torch.Tensor, task: str, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"loss became {loss.item()} in task '{task}' at step {step}; "
-                            "finished tasks are saved in the run folder (lower --lr and --resume)")
+# CHOICE: the step losses are read from the device every 50 steps (a non-finite loss stops the task
+# at most 49 steps late; nothing of an unfinished task is saved).
+LOSS_READ_EVERY = 50
+
+class LossLog:
+    """The loss of every step of a task, kept where it was computed: no host read (on CUDA, a
+    device sync) per step. Every `every` steps the new ones are read at once and a non-finite
+    loss raises NonFiniteLoss naming the task and its first non-finite step; `mean(steps)` reads
+    the rest (checked too) and returns the mean over the steps, summed in step order as
+    `sum += loss.item()` sums them. check=False: a statistic only (read at the end, unchecked)."""
+
+    def __init__(self, task: str, steps: int, device, every: int | None = None, check: bool = True):
+        self.task, self.every, self.check = task, every or LOSS_READ_EVERY, check
+        self.values = torch.zeros(max(steps, 1), dtype=torch.float64, device=device)  # (steps,)
+        self.host: list[float] = []                          # the values read so far, steps 0..len-1
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.values[step] = loss.detach()                    # a device copy, no read
+        if self.check and (step + 1) % self.every == 0:
+            self._read(step + 1)
+
+    def _read(self, upto: int) -> None:
+        first = len(self.host)
+        new = self.values[first:upto].tolist() if upto > first else []   # one host read
+        for k, v in enumerate(new):
+            if self.check and not math.isfinite(v):
+                raise NonFiniteLoss(f"loss became {v} in task '{self.task}' at step {first + k}; "
+                                    "finished tasks are saved in the run folder (lower --lr and --resume)")
+        self.host += new
+
+    def mean(self, steps: int) -> float:
+        """The mean loss of steps 0..steps-1."""
+        self._read(steps)
+        total = 0.0
+        for v in self.host[:steps]:                          # in step order (not sum(): Python >= 3.12 compensates)
+            total += v
+        return total / max(steps, 1)
 
 def progress(it: Iterable, enabled: bool, **kw):
     if not enabled:
@@ -645,9 +763,18 @@ def orthonormalize(U: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def class_text_features(model: ClipView, classnames: list[str], template: str, device) -> torch.Tensor:
-    """Normalised text features of one prompt per class (with grad: used in training). (C, embed)"""
-    return model.encode_texts([template.format(c) for c in classnames], device, normalize=True)
+def class_tokens(model: ClipView, classnames: list[str], template: str, device) -> torch.Tensor:
+    """The tokens of one prompt per class, on `device`: built once per task, not every step (the
+    tokenizer runs on the CPU). (C, L)"""
+    return model.tokenize([template.format(c) for c in classnames]).to(device)
+
+def class_text_features(model: ClipView, classnames: list[str], template: str, device,
+                        tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised text features of one prompt per class (with grad: used in training); `tokens`:
+    those of `class_tokens` when the caller built them once. (C, embed)"""
+    if tokens is None:
+        tokens = class_tokens(model, classnames, template, device)
+    return model.encode_text(tokens, normalize=True)
 
 @torch.no_grad()
 def zeroshot_head(model: ClipView, classnames: list[str], templates: list[str], device,
@@ -677,15 +804,15 @@ def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int 
     model.eval()
     with torch.inference_mode(), autocast(device, amp):
         W = zeroshot_head(model, task.classnames, templates or task.templates, device)  # (embed, C)
-        correct = n = 0
+        correct, n = torch.zeros((), dtype=torch.int64, device=device), 0   # counted on the device
         loader = make_loader(task.test, batch_size, shuffle=False, seed=0, workers=workers, device=device)
         for images, labels in progress(loader, progress_bar, desc=f"eval {task.name}", leave=False):
             f = model.encode_image(images.to(device, non_blocking=True), normalize=True)  # (N, embed)
-            pred = (f @ W.to(f.dtype)).argmax(-1).cpu()
-            correct += (pred == labels).sum().item()
+            pred = (f @ W.to(f.dtype)).argmax(-1)
+            correct += (pred == labels.to(device, non_blocking=True)).sum()
             n += len(labels)
     model.train(was_training)
-    return 100.0 * correct / max(n, 1)
+    return 100.0 * int(correct) / max(n, 1)
 
 def evaluate_all(model: ClipView, tasks: list, args, device, t: int = -1) -> list[float]:
     """One row of the accuracy matrix after task t (-1: zero-shot): accuracy on every task of the

@@ -87,26 +87,26 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=args.weight_decay)
     batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
+    tokens = common.class_tokens(model, task.classnames, task.templates[0], device)  # (C, L) once per task
     scaler = common.grad_scaler(device, args.amp)
+    losses = common.LossLog(task.name, hp.iterations, device)       # read every 50 steps, not every step
     model.train()
-    loss_sum = 0.0
     for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
         common.set_lr(opt, common.cosine_lr(step, hp.lr, hp.warmup, hp.iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with common.autocast(device, args.amp):
-            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+            text = common.class_text_features(model, task.classnames, task.templates[0], device, tokens)  # (C, e)
             img = model.encode_image(images, normalize=True)        # (N, e)
             logits = model.logit_scale.exp() * img @ text.T          # (N, C)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
-        common.check_finite(loss, task.name, step)
+        losses.add(loss, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        loss_sum += loss.item()
     model.eval()
-    return {"loss": loss_sum / max(hp.iterations, 1), "trainable_params": common.trainable_params(model)}
+    return {"loss": losses.mean(hp.iterations), "trainable_params": common.trainable_params(model)}
 
 
 def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:

@@ -61,6 +61,8 @@ Choices where paper and code are silent (`# CHOICE:`): reference seed = --seed +
 the held-out pairs of the alignment metrics and the metrics' definitions; float32 Gram
 accumulation (as the code); class-prompt features computed once per task while the text tower
 is frozen, and task and reference images in one forward pass (both give the same values).
+The reference images and caption tokens are read once per task (`reference_batches`; the code
+reads them on every pass of its loader; the eval transform is deterministic: the same values).
 """
 from __future__ import annotations
 
@@ -292,6 +294,17 @@ def teacher_logits(model: common.ClipView, ref, batch_size: int, args, device) -
     return Z0
 
 
+def reference_batches(model: common.ClipView, ref, batch_size: int, args, device) -> list[tuple]:
+    """The task's fixed reference batches, read once per task: (images (R, 3, H, W) on the host,
+    caption tokens (R, L) and the MAP targets same_caption (R, R) on `device`). The code reads
+    them again on every pass of its loader; the eval transform is deterministic, so the images
+    are the same."""
+    out = []
+    for images, captions in common.make_loader(ref, batch_size, False, 0, args.workers, device=device):
+        out.append((images, model.tokenize(list(captions)).to(device), same_caption(list(captions), device)))
+    return out
+
+
 @torch.no_grad()
 def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
     """The paper's alignment claims, made measurable on held-out image-caption pairs.
@@ -349,36 +362,35 @@ def train_loop(model: common.ClipView, task, t: int, args, device, P: dict | Non
     batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
     if ref is not None:   # code: fixed unshuffled reference batches, cycled
-        ref_batches = common.forever(common.make_loader(ref, ref_batch_size(args, task, t), False, 0,
-                                                        args.workers, device=device))
+        ref_steps = reference_batches(model, ref, ref_batch_size(args, task, t), args, device)
+    tokens = common.class_tokens(model, task.classnames, task.templates[0], device)  # (C, L) once per task
     if not text_trains:   # CHOICE: frozen text tower -> class features once (identical values, faster)
         with torch.no_grad():
-            text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+            text = common.class_text_features(model, task.classnames, task.templates[0], device, tokens)  # (C, e)
     scaler = common.grad_scaler(device, args.amp)
+    losses = common.LossLog(task.name, hp.iterations, device)       # read every 50 steps, not every step
     model.train()
-    loss_sum = 0.0
     for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
         common.set_lr(opt, common.cosine_lr(step, hp.lr, hp.warmup, hp.iterations))
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         n = len(images)
         if ref is not None:   # CHOICE: task and reference images in one forward pass (same result)
-            ref_images, captions = next(ref_batches)
+            ref_images, ref_tokens, Y = ref_steps[step % len(ref_steps)]
             images = torch.cat([images, ref_images.to(device, non_blocking=True)])  # (n + R, 3, H, W)
         with common.autocast(device, args.amp):                     # off by default (the code: fp32)
             if text_trains:
-                text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+                text = common.class_text_features(model, task.classnames, task.templates[0], device, tokens)  # (C, e)
             feats = model.encode_image(images, normalize=True).float()  # (n [+ R], e)
             s = model.logit_scale.exp()                              # frozen: 100 for OpenAI CLIP
             # ---- PAPER: L = L_CE + lambda_CD L_CD + lambda_MAP L_MAP (finetune_gnsp.py) ----
             loss = F.cross_entropy(s * feats[:n] @ text.float().T, labels, label_smoothing=args.label_smoothing)
             if ref is not None:
-                v = model.encode_texts(list(captions), device).float()  # (R, e) current text tower
+                v = model.encode_text(ref_tokens, normalize=True).float()  # (R, e) current text tower
                 Z = s * feats[n:] @ v.T                              # (R, R) image->text logits
                 loss = loss + args.distill_weight * contrastive_distillation(Z0[step % len(Z0)], Z, args.temperature)
-                loss = loss + args.map_weight * modality_alignment_preservation(
-                    Z, same_caption(list(captions), device), args.label_smoothing)
-        common.check_finite(loss, task.name, step)
+                loss = loss + args.map_weight * modality_alignment_preservation(Z, Y, args.label_smoothing)
+        losses.add(loss, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)                                         # true gradients before projecting (fp16)
@@ -394,10 +406,8 @@ def train_loop(model: common.ClipView, task, t: int, args, device, P: dict | Non
         else:
             scaler.step(opt)
         scaler.update()
-        # ---- PLUMBING ----
-        loss_sum += loss.item()
     model.eval()
-    return loss_sum / max(hp.iterations, 1)
+    return losses.mean(hp.iterations)
 
 
 def train_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:

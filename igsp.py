@@ -252,14 +252,27 @@ class MoEMLP(nn.Module):
         if self.log is not None:
             self.log.append((p, g))
         rows, outs = [], []
-        for i in range(g.shape[1]):                                 # sparse dispatch (SparseDispatcher)
-            r = g[:, i].nonzero().squeeze(1)                        # samples sent to expert i
-            if len(r):
+        for i, r in enumerate(dispatch(g)):                         # sparse dispatch (SparseDispatcher)
+            if len(r):                                              # r: the samples sent to expert i
                 rows.append(r)
                 outs.append(g[r, i, None, None] * self.experts[i](x[r]))  # (n_i, L, d)
         if not rows:                                                # every expert of this router was pruned
             return y
         return y.index_add(0, torch.cat(rows), torch.cat(outs).to(y.dtype))  # combine: y_b += sum_i g_bi E_i(x_b)
+
+
+def dispatch(g: torch.Tensor) -> list[torch.Tensor]:
+    """The samples sent to each expert: rows of g (N, n) with g[:, i] > 0, ascending, for i = 0..n-1
+    (as `g[:, i].nonzero()` per expert, MoE-Adapters' SparseDispatcher). One host read per call,
+    the expert batch sizes (a device sync on CUDA: one per block, not one per expert)."""
+    N, n = g.shape
+    if n == 0:                                                      # every expert of this router was pruned
+        return []
+    sent = g > 0                                                    # (N, n)
+    counts = sent.sum(0).tolist()                                   # (n,) the only host read
+    key = torch.arange(n, device=g.device) * N + torch.arange(N, device=g.device)[:, None]  # (N, n): i * N + b
+    order = torch.where(sent, key, n * N).flatten().sort().values[:sum(counts)]  # expert-major, then sample
+    return list((order % N).split(counts))                          # n tensors (n_i,)
 
 
 def attach_moe(model: common.ClipView, args) -> dict[str, MoEMLP]:
@@ -463,7 +476,8 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
                                                      workers=args.workers, device=device):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 set_route(moes, None)
-                f0 = model.encode_image(images, normalize=True)     # (N, e) untouched CLIP
+                # (N, e) untouched CLIP: the selector's input, and the features of CLIP's own choice
+                f0 = model.encode_image(images, normalize=True) if not oracle or target < 0 else None
                 choice = (torch.full_like(labels, target) if oracle
                           else selector.select(f0.float(), args.select_per == "batch"))  # (N,)
                 pred = torch.empty_like(labels)
@@ -552,8 +566,9 @@ def begin_task(moes: dict[str, MoEMLP], t: int, args) -> None:
         m.route = t
 
 
-def _loss(model, task, images, labels, args, device) -> torch.Tensor:
-    text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+def _loss(model, task, images, labels, args, device, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """CE over the task's class prompts (templates[0]); `tokens`: theirs, built once per task."""
+    text = common.class_text_features(model, task.classnames, task.templates[0], device, tokens)  # (C, e)
     img = model.encode_image(images, normalize=True)                # (N, e)
     logits = model.logit_scale.exp() * img @ text.T                 # (N, C)
     return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
@@ -575,7 +590,9 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
     info = {"trainable_phase1": common.trainable_params(model)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.lr,
                             weight_decay=args.weight_decay)
-    phase, T1, loss_sum, done = 1, hp.iterations, 0.0, 0
+    phase, T1, done = 1, hp.iterations, 0
+    tokens = common.class_tokens(model, task.classnames, task.templates[0], device)  # (C, L) once per task
+    losses = common.LossLog(task.name, hp.iterations, device)       # read every 50 steps, not every step
     scaler = common.grad_scaler(device, args.amp)
     model.train()
     for m in moes.values():
@@ -585,17 +602,16 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with common.autocast(device, args.amp):                     # off by default (MoE-Adapters: fp32)
-            loss = _loss(model, task, images, labels, args, device)
+            loss = _loss(model, task, images, labels, args, device, tokens)
             if is_igsp and phase == 1:                              # RECONSTRUCTED: L1 = CE + lambda_s Omega_sub
                 loss = loss + args.lambda_s * omega_sub(moes)
             elif is_igsp:                                           # RECONSTRUCTED: L2 = CE + lambda_o Omega_orth
                 loss = loss + args.lambda_o * omega_orth(moes)
-        common.check_finite(loss, task.name, step)
+        losses.add(loss, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        loss_sum += loss.item()
         monitor.record()
         done = step + 1
         if is_igsp and phase == 1 and done >= t1_min and (
@@ -623,7 +639,7 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
         info.update(T1=T1, candidates=args.candidates * len(moes))
     else:
         method["choose_map"] = {n: torch.stack(v).sum(0) for n, v in monitor.sel.items()}  # this task's
-    info.update(loss=loss_sum / done, train_seconds=round(time.time() - t_start, 1))
+    info.update(loss=losses.mean(done), train_seconds=round(time.time() - t_start, 1))
     method["report"] = dict(info)
     return info
 

@@ -336,11 +336,12 @@ def gpm_extend(M: torch.Tensor, K: torch.Tensor, eps_f: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def task_loss(model: common.ClipView, images, labels, task, device) -> torch.Tensor:
+def task_loss(model: common.ClipView, images, labels, task, device, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Code (@a17f9c2:MTIL/model/customClip.py:CustomCLIP.forward, trainer.py:Trainer.train_one_task):
-    plain CE of logit_scale * cos(image, text) over the task's classes, templates[0]."""
+    plain CE of logit_scale * cos(image, text) over the task's classes, templates[0]. `tokens`:
+    the class prompts' tokens when the caller built them once (common.class_tokens)."""
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    text = common.class_text_features(model, task.classnames, task.templates[0], device)  # (C, e)
+    text = common.class_text_features(model, task.classnames, task.templates[0], device, tokens)  # (C, e)
     img = model.encode_image(images, normalize=True)                       # (N, e)
     return F.cross_entropy(model.logit_scale.exp() * img @ text.T, labels)  # logits (N, C)
 
@@ -362,9 +363,10 @@ def estimate_gradient(model, lora: dict[str, KeepLoRALinear], batches, task, dev
         m.enabled = False
         W.requires_grad_(True)
     n = 0
+    tokens = common.class_tokens(model, task.classnames, task.templates[0], device)  # (C, L) once
     for images, labels in batches:
         with common.autocast(device, amp):                                  # the code: fp16 autocast, no scaler
-            loss = task_loss(model, images, labels, task, device)
+            loss = task_loss(model, images, labels, task, device, tokens)
         loss.backward()                                                     # sums dL_b/dW into W.grad
         n += 1
     G = {name: W.grad.T / max(n, 1) for name, W in zip(lora, Ws)}          # (d_out, d_in) -> (d_in, d_out)
@@ -468,24 +470,25 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.iterations)  # code: defaults
     batches = common.forever(common.make_loader(task.train, hp.batch_size, shuffle=True, seed=args.seed * 1000 + t,
                                                 workers=args.workers, device=device))
+    tokens = common.class_tokens(model, task.classnames, task.templates[0], device)  # (C, L) once per task
     scaler = common.grad_scaler(device, args.amp)                           # the code: GradScaler with fp16
+    losses = common.LossLog(task.name, hp.iterations, device)               # read every 50 steps, not every step
     model.train()
-    loss_sum = 0.0
     t0 = time.time()
     for step in common.progress(range(hp.iterations), args.progress, desc=task.name, leave=False):
         images, labels = next(batches)
         with common.autocast(device, args.amp):
-            loss = task_loss(model, images, labels, task, device)
-        common.check_finite(loss, task.name, step)
+            loss = task_loss(model, images, labels, task, device, tokens)
+        losses.add(loss, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         sched.step()
-        loss_sum += loss.item()
     model.eval()
+    loss = losses.mean(hp.iterations)
     info["train_seconds"] = round(time.time() - t0, 2)
-    return {"loss": loss_sum / max(hp.iterations, 1), "trainable_params": common.trainable_params(model), **info}
+    return {"loss": loss, "trainable_params": common.trainable_params(model), **info}
 
 
 # ---------------------------------------------------------------------------------------------

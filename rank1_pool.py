@@ -253,6 +253,23 @@ def training_template_index(templates: list[str], args) -> int:
     return random.Random(args.seed).randint(0, len(templates) - 1) if args.template == "random" else 0
 
 
+class PromptTokens:
+    """The tokens of one prompt per class, built once per task and kept on `device`; `of` gives a
+    batch's, one per sample, cut to the batch's longest prompt exactly as ClipView.tokenize cuts
+    them: the rows are picked on the device, the length from the labels as the loader gives them
+    (on the host), so no step waits for the device or copies tokens to it."""
+
+    def __init__(self, model: common.ClipView, prompts: list[str], device):
+        tokens = model.tokenizer(prompts)                                    # (C, ctx) uncut
+        self.lengths = (tokens != 0).sum(1).tolist()                         # (C,) tokens up to EOT
+        self.tokens = tokens.to(device)
+
+    def of(self, host_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) labels on the host and the same on the device -> (N, L) tokens on the device."""
+        L = max(max(self.lengths[y] for y in host_labels.tolist()), 1)
+        return self.tokens[labels][:, :L]
+
+
 def multi_positive_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss with soft targets G_nm = 1[y_n = y_m] / #{m: y_m = y_n}
     (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/lrbmutil.py:clip_loss). logits: (N, N) text x image."""
@@ -274,32 +291,33 @@ def train_pools(model: common.ClipView, pools: dict[str, RankOnePool], P: dict[s
                                                 workers=args.workers, drop_last=len(task.train) >= batch_size,
                                                 device=device))
     template = task.templates[training_template_index(task.templates, args)]  # one prompt per task (alora)
+    prompts = PromptTokens(model, [template.format(c) for c in task.classnames], device)  # tokenized once per task
     scaler = common.grad_scaler(device, args.amp)
+    losses = common.LossLog(task.name, iterations, device)                 # read every 50 steps, not every step
+    ago_losses = common.LossLog(task.name, iterations, device, check=False)
     model.train()
-    loss_sum = ago_sum = 0.0
     # DEVIATION: `iterations` steps (the code's loop runs iterations + 1).
     for step in common.progress(range(iterations), args.progress, desc=task.name, leave=False):
         # CosineAnnealingLR(T_max = iterations, eta_min = 1e-6), no warm-up (alora)
         common.set_lr(opt, args.eta_min + (lr - args.eta_min) * (1 + math.cos(math.pi * step / iterations)) / 2)
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, host_labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), host_labels.to(device, non_blocking=True)
         with common.autocast(device, args.amp):                             # off by default (the code: fp32)
-            txt = model.encode_texts([template.format(task.classnames[y]) for y in labels.tolist()], device)  # (N, e)
+            txt = model.encode_text(prompts.of(host_labels, labels), normalize=True)  # (N, e) one prompt per sample
             img = model.encode_image(images, normalize=True)                 # (N, e)
             logits = model.logit_scale.exp() * txt.float() @ img.float().T   # (N, N) frozen logit scale
             loss = multi_positive_clip_loss(logits, labels)                  # L_clip
             if P and args.ago != "off":                                      # from the second task on
                 l_ago = ago_loss(pools, P, args.merge_k, args.ago)          # CHOICE: |C_t| = --merge-k (code: 4, 4)
                 loss = loss + args.ago_lambda * l_ago                        # L = L_clip + lambda L_AGO
-                ago_sum += l_ago.item()
-        common.check_finite(loss, task.name, step)
+                ago_losses.add(l_ago, step)
+        losses.add(loss, step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        loss_sum += loss.item()
     model.eval()
-    return loss_sum / max(iterations, 1), ago_sum / max(iterations, 1)
+    return losses.mean(iterations), ago_losses.mean(iterations)
 
 
 # ---------------------------------------------------------------------------------------------

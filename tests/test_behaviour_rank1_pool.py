@@ -458,23 +458,24 @@ def test_each_step_prompts_every_sample_with_its_class_and_one_template_per_task
     task = fake_task([0, 1, 2, 3, 0, 1, 2, 3], 4, templates)
     pools = R.attach_pools(tiny_clip, args)
     texts, images = [], []
-    enc_t, enc_i = tiny_clip.encode_texts, tiny_clip.encode_image
+    enc_t, enc_i = tiny_clip.encode_text, tiny_clip.encode_image
 
-    def rec_texts(t, device, normalize=True):
-        texts.append(list(t))
-        return enc_t(t, device, normalize)
+    def rec_text(tokens, normalize=False):
+        texts.append(tokens.clone())
+        return enc_t(tokens, normalize=normalize)
 
     def rec_images(x, normalize=False):
         images.append(x.detach().clone())
         return enc_i(x, normalize=normalize)
-    tiny_clip.encode_texts, tiny_clip.encode_image = rec_texts, rec_images
+    tiny_clip.encode_text, tiny_clip.encode_image = rec_text, rec_images
     R.train_pools(tiny_clip, pools, {}, task, 0, args, CPU)
     assert len(texts) == len(images) == 3, \
         f"expected one text and one image batch per step, got {len(texts)}, {len(images)}"
     used = set()
     for step, (t, x) in enumerate(zip(texts, images)):
         y = x[:, 0, 0, 0].round().long().tolist()                           # labels read back from the pixels
-        fits = [T for T in templates if t == [T.format(task.classnames[c]) for c in y]]
+        fits = [T for T in templates                                        # the tokens of these prompts
+                if torch.equal(t, tiny_clip.tokenize([T.format(task.classnames[c]) for c in y]))]
         assert fits, f"step {step}: prompts {t} are not one task template filled with each sample's class {y}"
         used.update(fits)
     assert len(used) == 1, f"one template per task expected, the steps used {sorted(used)}"
