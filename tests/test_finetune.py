@@ -34,7 +34,7 @@ def test_missing_data_exits_2_listing_every_dataset(tmp_path):
     assert str(tmp_path / "nonexistent") in r.stderr
 
 
-@pytest.mark.parametrize("pretrained", ["/nonexistent/weights.pt", "no-such-tag"])
+@pytest.mark.parametrize("pretrained", ["no-such-folder/weights.pt", "no-such-tag"])
 def test_bad_pretrained_exits_2(tmp_path, pretrained, cache_env):
     r = run("--benchmark", "toy", "--pretrained", pretrained, "--out", tmp_path / "o")
     assert r.returncode == 2, r.stderr
