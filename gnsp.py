@@ -64,6 +64,10 @@ is frozen, and task and reference images in one forward pass (both give the same
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see common.py, section 1)
+
 import time
 
 import torch
