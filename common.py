@@ -20,22 +20,29 @@ Nothing in here is one method's decision. Contents, in file order:
      orthonormalisation.
   5. Evaluation and metrics: class prompts, zero-shot heads, which prompts each protocol uses
      (`eval_templates`), accuracy rows, ZSCL's Transfer / Average / Last, the table, the heatmap.
-  6. The run folder (`Run`): config.json (with each task's resolved HParams), acc_matrix.csv/png,
-     summary.json, the atomic per-task checkpoint, `--resume`.
+  6. The run folder (`Run`): owned by one live process (`claim_run_folder`, the lock file
+     run.lock), config.json (with each task's resolved HParams), acc_matrix.csv/png, summary.json
+     (`complete`, `tasks_done`), the atomic per-task checkpoint, `--resume`, the warning after a
+     task that learnt nothing.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
+import warnings
+import weakref
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +62,13 @@ import data  # data.py never imports common.py
 # ---------------------------------------------------------------------------------------------
 
 
+# OpenMP threads: each script sets OMP_WAIT_POLICY=PASSIVE (unless the environment sets it) before
+# it imports torch, as tests/conftest.py and CI do: idle OpenMP threads sleep instead of spinning.
+# On a busy 2-core machine spinning threads fight the other jobs for the cores and the tiny toy
+# model's steps, each too short to keep two threads busy, wait for them. Measured there (load 4.7-5.8):
+# 30 toy pretraining steps took 64-91 s spinning, 21 s passive; the README's first run (pretraining
+# + 6 tasks) 58 min 21 s as it was (load ~9.0) and 20 min 21 s passive (~8.5, at the same time).
+
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, missing weights). Printed as one
     message without a traceback; exit code 2."""
@@ -62,23 +76,61 @@ class UserError(Exception):
     exit_code = 2
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN/inf. Everything saved before this step stays on disk."""
+    """The loss became NaN/inf. Everything saved before this step stays on disk. Printed as one
+    line with what to do next (it depends on what the run folder holds); exit code 2."""
 
-    exit_code = 1
+    exit_code = 2
+
+# Set by cli_main: the run folder is claimed as soon as the model is about to load (setup_model),
+# so that a second run into a folder in use fails at once. Code that calls a script's `main` or
+# `setup` directly (tests, notebooks) claims the folder when it creates the Run.
+_CLI = False
 
 def cli_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`; turn user errors into a clean message + exit code (no traceback)."""
+    """Run `main(argv)`; turn user errors into one line on stderr + exit code 2 (no traceback),
+    each with a next step that works as printed."""
+    global _CLI
+    _CLI = True
+    try:
+        _main_with_messages(main, argv)
+    finally:
+        _CLI = False
+
+def _main_with_messages(main: Callable[[list[str] | None], None], argv: list[str] | None) -> None:
     try:
         main(argv)
     except (UserError, data.MissingDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = ("\n(no data at hand? every script also runs offline on the toy benchmark: --benchmark toy)"
+                if isinstance(e, data.MissingDataError) else "")
+        _release_claims(failed=True)
+        print(f"error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {e}; {_next_step_after_failure('lower')}", file=sys.stderr)
+        _release_claims(failed=True)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; finished tasks are saved, continue with --resume", file=sys.stderr)
+        where = "during the toy CLIP's pretraining (nothing cached)" if _PRETRAINING else ""
+        print(f"interrupted{' ' + where if where else ''}; {_next_step_after_failure('again')}", file=sys.stderr)
+        _release_claims(failed=True)
         sys.exit(130)
+
+def _next_step_after_failure(kind: str) -> str:
+    """What a run that stopped early can do next, from what its run folder holds: `--resume`
+    needs a checkpoint and the same flags. kind: "again" (interrupted: the same command once
+    more) or "lower" (diverged: a lower --lr, which --resume refuses)."""
+    claim = _ACTIVE_CLAIM() if _ACTIVE_CLAIM is not None else None
+    out = claim.out if claim is not None else None
+    done = _tasks_done(out) if out is not None else 0
+    if kind == "lower":
+        if done:
+            return (f"tasks 1-{done} are saved in {out}, and --resume continues them only with the same flags: "
+                    f"to retry with a lower --lr, start again with another --out (or delete {out})")
+        return "nothing was saved: run again with a lower --lr"
+    if done:
+        return (f"tasks 1-{done} are saved in {out}: continue with the same command"
+                + ("" if claim.resume else " plus --resume"))
+    return "nothing to resume yet: run the same command again" + (" without --resume" if claim and claim.resume else "")
 
 def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParser:
     """The flags every script accepts (DESIGN.md "The shared command line"). A method script
@@ -138,6 +190,7 @@ def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argp
         args.workers = default_workers() if args.benchmark == "mtil" else 0
     if args.out is None:
         args.out = f"runs/{method}-{args.benchmark}-order{args.order}-seed{args.seed}"
+    check_model_and_weights(args.model, args.pretrained)
     col = defaults_for(args, defaults)
     for name, value in col.items():
         if name in PER_TASK_FLAGS or not hasattr(args, name):
@@ -152,6 +205,38 @@ def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argp
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     args.progress = (not args.no_progress) and sys.stderr.isatty()
     return args
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+def check_model_and_weights(name: str, pretrained: str | None) -> None:
+    """--model and --pretrained, checked before anything loads (one-line errors): a known model
+    name, a tag that model has, or a weights file that exists."""
+    models = open_clip.list_models()
+    if name != TOY_MODEL and name not in models and not name.startswith(("hf-hub:", "local-dir:")):
+        close = difflib.get_close_matches(name, [TOY_MODEL, *models], n=3)
+        raise UserError(f"unknown --model {name!r}{' (close: ' + ', '.join(close) + ')' if close else ''}: use "
+                        f"{TOY_MODEL} (the toy benchmark's tiny CLIP) or an open_clip model name such as ViT-B-16 "
+                        "(all of them: python -c \"import open_clip; print(open_clip.list_models())\")")
+    tags = open_clip.list_pretrained_tags_by_model(name) if name in models else []
+    if pretrained == "toy" and name != TOY_MODEL:
+        raise UserError(f"--pretrained toy (the toy benchmark's tiny CLIP) only exists for --model {TOY_MODEL}; "
+                        f"for {name} pass {'an open_clip tag (' + ', '.join(tags[:4]) + ', ...), ' if tags else ''}"
+                        "a weights FILE or none")
+    if pretrained in (None, "none", "toy"):
+        return
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        raise UserError(f"--pretrained {pretrained} is a folder: pass the weights file in it")
+    if path.is_file():
+        return
+    if os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        raise UserError(f"weights file not found: {pretrained} (--pretrained takes an existing weights file, "
+                        "an open_clip tag or none)")
+    if name == TOY_MODEL:
+        raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")
+    if name in models and not open_clip.get_pretrained_cfg(name, pretrained):
+        raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag of {name} (its tags: "
+                        f"{', '.join(tags) or 'none'})")
 
 def defaults_for(args: argparse.Namespace, defaults: dict) -> dict:
     """This run's column of a DEFAULTS table (name -> (MTIL, toy)): name -> value."""
@@ -219,12 +304,23 @@ def n_train_tasks(args, tasks: list) -> int:
 
 def setup_model(args, device) -> ClipView:
     """The run's CLIP. Resolves `--quick-gelu auto` into args (so config.json records it) and sets
-    the run's precision (`set_precision`)."""
+    the run's precision (`set_precision`). From
+    the command line (cli_main) the run folder is claimed first (`claim_run_folder`: in use by
+    another run, not writable, --resume without a checkpoint...), so those errors come before the
+    model loads. The time from here on is the run's `seconds`, less the toy pretraining's."""
+    if _CLI:
+        _CLI_CLAIMS.append(claim_run_folder(args))
+    t0, pretrained_before = time.time(), _PRETRAIN_SECONDS[0]
     if args.quick_gelu == "auto":
         args.quick_gelu = "on" if wants_quick_gelu(args.model, args.pretrained) else "off"
     set_precision(torch.device(device), args.amp)
-    return load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
-                     quick_gelu=args.quick_gelu == "on")
+    model = load_clip(args.model, args.pretrained, device, progress_bar=args.progress,
+                      quick_gelu=args.quick_gelu == "on")
+    _LAST_SETUP.update(args=weakref.ref(args), t0=t0, pretraining=_PRETRAIN_SECONDS[0] - pretrained_before)
+    return model
+
+# when the latest setup_model began and how long its toy pretraining took (Run's `seconds`)
+_LAST_SETUP: dict = {}
 
 # ---------------------------------------------------------------------------------------------
 # ---- 2. CLIP through open_clip: loading (tags, weight files, QuickGELU, the toy tiny CLIP) and the view ----
@@ -252,6 +348,7 @@ def _create(name: str, **kw):
         logging.getLogger().removeFilter(f)
 
 def _create_model(name: str, **kw):
+    check_model_and_weights(name, None)
     if name == TOY_MODEL:
         if kw.get("pretrained"):
             raise UserError(f"{TOY_MODEL} has no open_clip tags: use --pretrained toy, none or a FILE")
@@ -261,11 +358,18 @@ def _create_model(name: str, **kw):
     return model, model.context_length
 
 def _is_torchscript(path: Path) -> bool:
+    """OpenAI's original CLIP files are TorchScript archives, recognised by their structure: a zip
+    whose entries all sit in one folder that holds data.pkl, constants.pkl and code/."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+            names = set(z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1:
+        return False
+    r = roots.pop()
+    return {f"{r}/data.pkl", f"{r}/constants.pkl"} <= names and any(n.startswith(f"{r}/code/") for n in names)
 
 def wants_quick_gelu(name: str, pretrained: str | None) -> bool:
     """Whether `--quick-gelu auto` gives QuickGELU (x * sigmoid(1.702 x)), the activation OpenAI's
@@ -310,19 +414,10 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
         clip, ctx = _create(name, **qg)
     else:
         path = Path(pretrained).expanduser()
+        check_model_and_weights(name, pretrained)
         try:
             if path.is_file():
-                if name == TOY_MODEL:
-                    clip, ctx = _create(name)
-                    sd = torch.load(path, map_location="cpu", weights_only=True)
-                    clip.load_state_dict(sd.get("state_dict", sd))
-                elif _is_torchscript(path):
-                    # OpenAI's original archive: trusted TorchScript, needs weights_only=False.
-                    clip, ctx = _create(name, pretrained=str(path), weights_only=False, **qg)
-                else:
-                    clip, ctx = _create(name, pretrained=str(path), **qg)
-            elif os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-                raise UserError(f"weights file not found: {pretrained}")
+                clip, ctx = _load_weights_file(name, path, qg)
             else:
                 clip, ctx = _create(name, pretrained=pretrained, **qg)
         except UserError:
@@ -342,45 +437,141 @@ def load_clip(name: str, pretrained: str | None, device: torch.device | str = "c
     tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=ctx)
     return ClipView(clip.float(), tokenizer, ctx).to(device).eval()
 
-def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
-    """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk,
-    keyed by (model config, recipe, world version, seed). Deterministic for a seed on a machine."""
+def _load_weights_file(name: str, path: Path, qg: dict):
+    """A CLIP with the weights of a local file, read safely: OpenAI's TorchScript archive by
+    torch.jit.load (the one trusted format that is more than tensors, recognised by its structure;
+    it runs no Python unpickling), every other file as plain tensors (torch.load weights_only=True,
+    or safetensors). Any failure is one line that names the file."""
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():        # torch 2.x: "torch.jit.load is deprecated"
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):   # as open_clip's loader
+                sd.pop(key, None)
+            clip, ctx = _create(name, **qg)
+            kept = clip.state_dict()               # a scripted module also lists non-persistent buffers
+            sd = {k: v for k, v in sd.items() if k in kept or k not in dict(clip.named_buffers())}
+            open_clip.model.resize_pos_embed(sd, clip)
+            clip.load_state_dict(sd)
+        elif name == TOY_MODEL:
+            clip, ctx = _create(name)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            clip.load_state_dict(sd.get("state_dict", sd))
+        else:   # open_clip reads it with torch.load(weights_only=True) or safetensors
+            clip, ctx = _create(name, pretrained=str(path), **qg)
+        return clip, ctx
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a weights file can fail in many ways; none is a bug here
+        # torch's own message may advise weights_only=False, which would run the file's code: never shown
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        if "weights_only" in str(e) or "pickle" in str(e).lower() or isinstance(e, (EOFError, zipfile.BadZipFile)):
+            what = "not a weights file this loader reads safely (a state dict of tensors, .safetensors, or OpenAI's TorchScript .pt), or it is truncated"
+        elif isinstance(e, RuntimeError) and ("size mismatch" in msg or "state_dict" in msg):
+            what = f"its weights do not fit --model {name} ({msg})"
+        else:
+            what = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+        raise UserError(f"could not load --pretrained {path}: {what}") from None
+
+_PRETRAINING = False           # inside the toy CLIP's pretraining (cli_main's Ctrl-C message)
+_PRETRAIN_SECONDS = [0.0]      # seconds this process spent pretraining (or waiting for another's)
+LOG_EVERY_S = 60.0             # at most this long without a line while pretraining or waiting (no bar)
+
+def toy_cache_path(seed: int = 0, recipe: dict | None = None) -> Path:
+    """Where the toy CLIP of (seed, recipe) is cached, keyed by (model config, recipe, world
+    version, seed); the lock file next to it has the suffix .lock."""
     # "init": the initial weights are drawn from `seed` too; the field keeps caches built when they
     # came from the caller's RNG state (so depended on the script that filled the cache) unused.
-    key = json.dumps({"cfg": data.TOY_CLIP_CFG, "recipe": recipe, "world": data.TOY_WORLD_VERSION, "seed": seed,
-                      "init": "seeded"}, sort_keys=True)
-    h = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"toy-clip-{h}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    key = json.dumps({"cfg": data.TOY_CLIP_CFG, "recipe": recipe or data.TOY_CLIP_PRETRAIN,
+                      "world": data.TOY_WORLD_VERSION, "seed": seed, "init": "seeded"}, sort_keys=True)
+    return cache_dir() / f"toy-clip-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+
+def _toy_pretrained(seed: int, recipe: dict, progress_bar: bool):
+    """The toy tiny CLIP, pretrained contrastively on the toy world's captions; cached on disk
+    (`toy_cache_path`). Deterministic for a seed on a machine. A cache that exists is read without
+    the lock (it is written atomically), so a read-only shared cache works; pretraining takes the
+    lock, so two runs started together pretrain once, the second waiting (with a line now and then)."""
+    global _PRETRAINING
+    path = toy_cache_path(seed, recipe)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         clip, ctx = _create(TOY_MODEL)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two runs started together pretrain once, not twice
-            return _toy_cached_or_pretrain(clip, ctx, path, seed, recipe, progress_bar)
-
-def _toy_cached_or_pretrain(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool):
-    if path.is_file():
-        try:
-            clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if _toy_load_cache(clip, path, quiet=True):
             return clip, ctx
-        except Exception:
-            print(f"warning: toy CLIP cache {path} unreadable; rebuilding it", file=sys.stderr)
-    print(f"pretraining the toy CLIP once ({recipe['steps']} steps; cached in {path})", file=sys.stderr)
+        t0, _PRETRAINING = time.time(), True
+        try:
+            with _toy_cache_lock(path):
+                _remove_leftovers(path.parent, [path.name])          # of a save that was killed
+                if not _toy_load_cache(clip, path, quiet=False):     # another process may have built it
+                    _toy_pretrain_and_cache(clip, ctx, path, seed, recipe, progress_bar)
+            return clip, ctx
+        finally:
+            _PRETRAINING = False
+            _PRETRAIN_SECONDS[0] += time.time() - t0
+
+def _toy_load_cache(clip, path: Path, quiet: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+    except Exception:  # noqa: BLE001 -- a truncated or foreign file: rebuilt under the lock
+        if not quiet:
+            print(f"warning: toy CLIP cache {path} unreadable; rebuilding it", file=sys.stderr, flush=True)
+        return False
+
+@contextlib.contextmanager
+def _toy_cache_lock(path: Path):
+    """The cache's lock file, held while pretraining; waits for another process that holds it,
+    printing a line at once and then every LOG_EVERY_S seconds."""
+    lock_path = path.with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")
+    except OSError as e:
+        raise UserError(f"the toy CLIP cache {path.parent} is not writable ({e.strerror or type(e).__name__}); "
+                        "set CLCLIP_CACHE to a folder you can write to, e.g. CLCLIP_CACHE=/tmp/clip-cl") from None
+    with lock:
+        t0, last = time.time(), None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.time()
+                if last is None or now - last >= LOG_EVERY_S:
+                    print(f"waiting for another process that is pretraining the toy CLIP (lock {lock_path}; "
+                          f"{now - t0:.0f} s so far)", file=sys.stderr, flush=True)
+                    last = now
+                time.sleep(0.5)
+        if last is not None:
+            print(f"the other process finished after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        yield
+
+def _toy_pretrain_and_cache(clip, ctx, path: Path, seed: int, recipe: dict, progress_bar: bool) -> None:
+    print(f"pretraining the toy CLIP once ({recipe['steps']} steps; cached in {path})", file=sys.stderr, flush=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=ctx)
     pretrain_contrastive(clip, tokenizer, data.toy_pretraining_batches(seed, recipe["batch_size"]),
                          recipe, seed, progress_bar)
-    atomic_torch_save(clip.state_dict(), path)
-    return clip, ctx
+    try:
+        atomic_torch_save(clip.state_dict(), path)
+    except OSError as e:
+        print(f"warning: could not cache the toy CLIP in {path} ({e.strerror or type(e).__name__}); the next run "
+              "pretrains again", file=sys.stderr, flush=True)
 
 def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: dict, seed: int,
                          progress_bar: bool = True) -> None:
-    """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU."""
+    """Standard CLIP pretraining (symmetric InfoNCE, learnable temperature) on CPU. Without a
+    progress bar (a log file, --no-progress) a line every tenth of the steps and at least every
+    LOG_EVERY_S seconds."""
     torch.manual_seed(seed)  # the CPU stream only: callers' python, numpy and CUDA streams stay as they were
     clip.train()
     opt = torch.optim.AdamW(clip.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    bar = progress(range(recipe["steps"]), progress_bar and sys.stderr.isatty(), desc="toy CLIP", leave=False)
+    show_bar = progress_bar and sys.stderr.isatty()
+    bar = progress(range(recipe["steps"]), show_bar, desc="toy CLIP", leave=False)
+    t0 = last = time.time()
+    tenth = max(1, recipe["steps"] // 10)
     for step in bar:
         set_lr(opt, cosine_lr(step, recipe["lr"], recipe["warmup"], recipe["steps"]))
         images, captions = next(batches)
@@ -393,6 +584,11 @@ def pretrain_contrastive(clip: nn.Module, tokenizer, batches: Iterator, recipe: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        now = time.time()
+        if not show_bar and ((step + 1) % tenth == 0 or now - last >= LOG_EVERY_S):
+            last = now
+            print(f"toy CLIP pretraining: step {step + 1}/{recipe['steps']}, loss {loss.item():.3f}, "
+                  f"{now - t0:.0f} s", file=sys.stderr, flush=True)
     clip.eval()
 
 class SplitAttention(nn.Module):
@@ -658,6 +854,10 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """Loss scaling for fp16 training on CUDA (as torch.amp's recipe); disabled (a pass-through) otherwise."""
     return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
 
+# the current task's step losses: LossLog.mean records them, Run.finish_task reads them (the
+# warning for a task whose loss did not fall), Run.begin_task clears them
+_LOSS_TRACE: list[float] = []
+
 # CHOICE: the step losses are read from the device every 50 steps (a non-finite loss stops the task
 # at most 49 steps late; nothing of an unfinished task is saved).
 LOSS_READ_EVERY = 50
@@ -685,12 +885,13 @@ class LossLog:
         for k, v in enumerate(new):
             if self.check and not math.isfinite(v):
                 raise NonFiniteLoss(f"loss became {v} in task '{self.task}' at step {first + k}; "
-                                    "finished tasks are saved in the run folder (lower --lr and --resume)")
+                                    "(the lr is probably too high)")
         self.host += new
 
     def mean(self, steps: int) -> float:
         """The mean loss of steps 0..steps-1."""
         self._read(steps)
+        _LOSS_TRACE[:] = self.host[:steps]                   # Run.finish_task: did the loss fall?
         total = 0.0
         for v in self.host[:steps]:                          # in step order (not sum(): Python >= 3.12 compensates)
             total += v
@@ -856,7 +1057,9 @@ def format_table(names: list[str], acc, zero_shot: list[float] | None = None) ->
     for t, row in enumerate(A):
         lines.append(f"{'after ' + short[t]:<14}"[:14] + "".join(f"{v:>{w}.1f}" for v in row))
     m = mtil_metrics(A)
-    lines.append(f"Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}")
+    partial = (f"partial: {A.shape[0]} of {A.shape[1]} tasks trained, not comparable to a full run: "
+               if A.shape[0] < A.shape[1] else "")
+    lines.append(f"{partial}Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}")
     return "\n".join(lines)
 
 def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
@@ -875,30 +1078,55 @@ def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = _temp_beside(Path(path))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 # ---------------------------------------------------------------------------------------------
 # ---- 6. The run folder (config.json, summary.json, atomic checkpoint, --resume) ----
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
+def _file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to `path` (`<name>.<random>.tmp`, the pattern `_remove_leftovers`
+    knows) with the user's normal permissions (mkstemp alone makes it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.fchmod(fd, _file_mode())
+    return fd, tmp
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file, then rename it over `path`: readers see the old or the
+    new file, never half of one; an error leaves no temporary file (a killed process may: the
+    next run in that folder removes it)."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename (as atomic_write_text)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -907,10 +1135,149 @@ def atomic_torch_save(obj, path: Path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def _remove_leftovers(folder: Path, names: Iterable[str]) -> None:
+    """Remove the temporary files that interrupted atomic writes of `names` left in `folder`
+    (`<name>.<random>.tmp`). Only called by the process that holds the folder's lock (the run
+    folder's, or the toy cache entry's), so no write in progress is touched."""
+    import glob
+    for name in names:
+        for leftover in folder.glob(glob.escape(name) + ".*.tmp"):
+            with contextlib.suppress(OSError):
+                if leftover.is_file():
+                    leftover.unlink()
+
 def versions() -> dict:
     import torchvision
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "open_clip": open_clip.__version__}
+
+LOCK_NAME = "run.lock"
+RUN_FILES = ("config.json", "summary.json", "acc_matrix.csv", "acc_matrix.png", "checkpoint.pt")
+_HELD: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # folders this process holds, by real path
+_CLI_CLAIMS: list = []                        # what cli_main's process claimed early (setup_model)
+_ACTIVE_CLAIM: weakref.ref | None = None      # the latest claim (cli_main's advice after a failure)
+
+class RunFolderLock:
+    """This process's hold on a run folder: an exclusive flock on `<out>/run.lock`, a file that
+    names the holder (pid, host, start, command). The kernel drops a flock when its process ends,
+    however it ends, so the folder of a killed run is free again and the next run takes it over
+    (and says so: a run that ends normally empties the file, a killed one cannot)."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.out, self.resume, self.fd = out, resume, None
+        self.created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {out} ({e.strerror or type(e).__name__}): "
+                            "pass an --out where you can write") from None
+        path = out / LOCK_NAME
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
+            except OSError as e:
+                raise UserError(f"cannot write in the run folder {out} ({e.strerror or type(e).__name__}): "
+                                "pass an --out where you can write") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that is starting"
+                os.close(fd)
+                raise UserError(f"{out} is in use by another run ({holder}): wait for it to end, or pass "
+                                "another --out") from None
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:   # not unlinked while we waited for it
+                    break
+            os.close(fd)
+        self.fd = fd
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            print(f"note: taking over {out} from a run that ended without finishing ({previous})",
+                  file=sys.stderr, flush=True)
+        me = (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+              + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300])
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (me + "\n").encode(), 0)
+        _remove_leftovers(out, RUN_FILES)
+        with contextlib.suppress(OSError):
+            (out / "acc_matrix.tmp.png").unlink()     # the plot's temporary name in earlier versions
+
+    def release(self, failed: bool = False) -> None:
+        """Let go of the folder (emptying run.lock: a clean end). After a failure, a folder this
+        run created and left empty is removed."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            if failed and self.created and os.listdir(self.out) == [LOCK_NAME]:
+                os.unlink(self.out / LOCK_NAME)
+                os.rmdir(self.out)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
+        with contextlib.suppress(Exception):
+            if _HELD.get(os.path.realpath(self.out)) is self:
+                del _HELD[os.path.realpath(self.out)]
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()
+
+def claim_run_folder(args) -> RunFolderLock:
+    """Make `args.out` this process's run folder, before anything is computed: not a file,
+    writable, not in use by another live run (run.lock), the leftovers of interrupted writes
+    removed, and its state fits the command (--resume needs a checkpoint; without --resume the
+    folder must not hold a run). Idempotent within a process."""
+    global _ACTIVE_CLAIM
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: pass a folder (it is created if needed)")
+    key = os.path.realpath(out)
+    lock = _HELD.get(key)
+    fresh = lock is None or lock.fd is None
+    if fresh:
+        lock = RunFolderLock(out, args.resume)
+        _HELD[key] = lock
+    lock.resume = args.resume
+    _ACTIVE_CLAIM = weakref.ref(lock)
+    try:
+        _check_folder_state(out, args.resume)
+    except UserError:
+        if fresh:
+            lock.release(failed=True)
+        raise
+    return lock
+
+def _tasks_done(out: Path) -> int:
+    """How many finished tasks a run folder's checkpoint holds (0: no checkpoint)."""
+    if not (out / "checkpoint.pt").is_file():
+        return 0
+    try:
+        return max(1, len(json.loads((out / "summary.json").read_text())["acc_matrix"]))
+    except Exception:  # noqa: BLE001 -- a summary cut short: at least one task is in the checkpoint
+        return 1
+
+def _check_folder_state(out: Path, resume: bool) -> None:
+    ckpt, summary = out / "checkpoint.pt", out / "summary.json"
+    start_over = f"another --out (or delete {out}) to start over"
+    if resume and not ckpt.is_file():
+        if summary.exists():
+            raise UserError(f"--resume: {out} has no checkpoint.pt, so its run cannot be continued; pass {start_over}")
+        raise UserError(f"--resume: {out} holds no run to continue (no checkpoint.pt); start without --resume")
+    if not resume and (summary.exists() or ckpt.exists()):
+        try:
+            s = json.loads(summary.read_text())
+            what = (f" ({len(s['acc_matrix'])} of {len(s['datasets'])} tasks done"
+                    + (", complete)" if len(s["acc_matrix"]) == len(s["datasets"]) else ")"))
+        except Exception:  # noqa: BLE001 -- only for the message
+            what = ""
+        raise UserError(f"{out} already holds a run{what}; pass "
+                        + ("--resume to continue it, or " if ckpt.exists() else "") + start_over)
+
+def _release_claims(failed: bool = False) -> None:
+    for lock in list(_HELD.values()):
+        lock.release(failed=failed)
+    _CLI_CLAIMS.clear()
 
 class Run:
     """The run folder of DESIGN.md. Files: config.json, acc_matrix.csv, acc_matrix.png,
@@ -919,46 +1286,56 @@ class Run:
     CHOICE: one checkpoint file, overwritten atomically after each task (not one per task): a
     full-model checkpoint of ViT-B/16 is ~0.6 GB and only the latest is needed to resume.
     CHOICE: every task starts by re-seeding with (seed, task index), so a resumed run draws the
-    same random numbers as an uninterrupted one without replaying RNG state."""
+    same random numbers as an uninterrupted one without replaying RNG state.
+    The folder belongs to one live process (`claim_run_folder`, run.lock), from before the model
+    loads when started from the command line, else from here."""
 
     # flags that may differ between a run and its resumption (they do not change the results,
     # or, for --max-tasks, only where the run stops)
     CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size",
                            "max_tasks"}
+    # ... and per benchmark, the flags it does not read (the toy world needs no files)
+    CONFIG_KEYS_UNUSED = {"toy": {"data_root"}}
 
     def __init__(self, args: argparse.Namespace, tasks: list, plan: list[HParams]):
         """`tasks`: the benchmark's tasks in training order; `plan`: each task's HParams."""
         self.method, self.args, self.datasets = args.method, args, [t.name for t in tasks]
+        self.n_classes, self.plan = [len(t.classnames) for t in tasks], list(plan)
         self.n_train = n_train_tasks(args, tasks)
         self.out = Path(args.out)
-        self.t0 = self.t_task = time.time()
+        setup = _LAST_SETUP if _LAST_SETUP.get("args", lambda: None)() is args else {}
+        self.t0 = setup.get("t0", time.time())            # from setup_model on (the model's load included)
+        self.t_task = time.time()
+        self.pretraining_now = setup.get("pretraining", 0.0)
         self.zero_shot: list[float] | None = None
         self.acc: list[list[float]] = []
         self.extra: dict = {}
         self.state: dict | None = None  # the method state of the last finished task (on resume)
-        self.seconds_before = 0.0
+        self.seconds_before = self.pretraining_before = 0.0
         cfg = {k: v for k, v in vars(args).items()}
         self.config = {"method": self.method, "args": cfg, "datasets": self.datasets,
                        "per_task": [{"task": n, **asdict(hp)} for n, hp in zip(self.datasets, plan)],
                        "versions": versions()}
-        ckpt = self.out / "checkpoint.pt"
-        if args.resume:
-            if not ckpt.is_file():
-                raise UserError(f"--resume: no checkpoint in {self.out} (start without --resume)")
-            self._load(ckpt)
-        elif (self.out / "summary.json").exists() or ckpt.exists():
-            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or --out to start another")
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.json", json.dumps(self.config, indent=2, default=str))
+        fresh = os.path.realpath(self.out) not in _HELD
+        self._lock = claim_run_folder(args)   # checks: in use, writable, --resume needs a checkpoint...
+        try:
+            if args.resume:
+                self._load(self.out / "checkpoint.pt")
+            atomic_write_text(self.out / "config.json", json.dumps(self.config, indent=2, default=str))
+        except BaseException:
+            if fresh:
+                self._lock.release()
+            raise
 
     def _load(self, path: Path) -> None:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                            "delete it to start over") from None
-        want = {k: v for k, v in vars(self.args).items() if k not in self.CONFIG_KEYS_IGNORED}
-        have = {k: v for k, v in ck.get("args", {}).items() if k not in self.CONFIG_KEYS_IGNORED}
+            raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}), so the run cannot be "
+                            f"continued; pass another --out (or delete {self.out}) to start over") from None
+        ignored = self.CONFIG_KEYS_IGNORED | self.CONFIG_KEYS_UNUSED.get(self.args.benchmark, set())
+        want = {k: v for k, v in vars(self.args).items() if k not in ignored}
+        have = {k: v for k, v in ck.get("args", {}).items() if k not in ignored}
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if ck.get("method") != self.method or ck.get("datasets") != self.datasets or diff:
             raise UserError(f"checkpoint in {self.out} was made with other settings "
@@ -967,6 +1344,11 @@ class Run:
         self.zero_shot, self.acc, self.extra = ck["zero_shot"], ck["acc"], ck.get("extra", {})
         self.state = ck["state"]
         self.seconds_before = ck.get("seconds", 0.0)
+        self.pretraining_before = ck.get("seconds_pretraining", 0.0)
+        k = len(self.acc)
+        print(f"resuming {self.out} after task {k} of {len(self.datasets)} ({self.datasets[k - 1]})"
+              + (f"; tasks {k + 1}-{self.n_train} to train" if k < self.n_train else "; nothing left to train"),
+              flush=True)
 
     @property
     def start_task(self) -> int:
@@ -974,10 +1356,15 @@ class Run:
 
     def begin_task(self, t: int) -> None:
         seed_all(self.args.seed * 1000 + t)
+        _LOSS_TRACE.clear()
         self.t_task = time.time()
 
     def seconds(self) -> float:
-        return self.seconds_before + time.time() - self.t0
+        """The run's wall-clock seconds (every process of it), the toy pretraining left out."""
+        return self.seconds_before + time.time() - self.t0 - self.pretraining_now
+
+    def seconds_pretraining(self) -> float:
+        return self.pretraining_before + self.pretraining_now
 
     def set_zero_shot(self, row: list[float], info: dict | None = None) -> None:
         """The untouched model's row; `info` (what the method's evaluate returned besides the
@@ -1004,20 +1391,57 @@ class Run:
         atomic_torch_save({"method": self.method, "datasets": self.datasets,
                            "args": {k: v for k, v in vars(self.args).items()},
                            "zero_shot": self.zero_shot, "acc": self.acc, "extra": self.extra,
-                           "state": state, "seconds": self.seconds()}, self.out / "checkpoint.pt")
+                           "state": state, "seconds": self.seconds(),
+                           "seconds_pretraining": self.seconds_pretraining()}, self.out / "checkpoint.pt")
         self.write_outputs()
         loss = f"loss {info['loss']:.3f}  " if "loss" in info else ""
         print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | "
               + "  ".join(f"{a:.1f}" for a in row) + "".join(f"\n    {n}" for n in notes), flush=True)
+        warning = self.learnt_nothing(t, row, list(_LOSS_TRACE))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+    def learnt_nothing(self, t: int, row: list[float], losses: list[float]) -> str:
+        """Why task t looks untrained ("" if it does not): its own accuracy is at chance (at most a
+        tenth of the way from chance to 100%), or its loss did not fall (the mean of the last fifth
+        of the steps is not below the first fifth's; judged from 20 steps on). `losses`: the task's
+        step losses (none: nothing was trained, no warning)."""
+        if not losses:
+            return ""
+        problems = []
+        if t < len(self.n_classes) and self.n_classes[t] >= 2:
+            chance = 100.0 / self.n_classes[t]
+            if row[t] <= chance + 0.1 * (100.0 - chance):
+                problems.append(f"ended at {row[t]:.1f}% on its own test set (chance {chance:.1f}%)")
+        if len(losses) >= 20:
+            k = len(losses) // 5
+            first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+            if last >= first:
+                problems.append(f"its loss did not fall ({first:.3f} in the first {k} steps, {last:.3f} in the last {k})")
+        if not problems:
+            return ""
+        lr = f" (lr {self.plan[t].lr:g})" if t < len(self.plan) else ""
+        return (f"task {t + 1} ({self.datasets[t]}) {' and '.join(problems)}: it may have learnt nothing; "
+                f"check --lr{lr}")
+
+    @property
+    def complete(self) -> bool:
+        """Every task of the benchmark trained (not a killed run, not a --max-tasks run)."""
+        return len(self.acc) == len(self.datasets)
+
+    def partial_label(self) -> str:
+        return "" if self.complete else f"partial: {len(self.acc)} of {len(self.datasets)} tasks trained"
 
     def summary(self) -> dict:
         m = mtil_metrics(self.acc)
         s = {"method": self.method, "benchmark": self.args.benchmark, "order": self.args.order,
-             "datasets": self.datasets, "zero_shot": self.zero_shot, "acc_matrix": self.acc,
+             "datasets": self.datasets, "complete": self.complete, "tasks_done": len(self.acc),
+             "zero_shot": self.zero_shot, "acc_matrix": self.acc,
              "transfer": m["transfer"], "average": m["average"], "last": m["last"],
              "zero_shot_metrics": {k: mtil_metrics([self.zero_shot] * len(self.datasets))[k]
                                    for k in ("transfer", "average", "last")},
-             "trainable_params": self.extra.get("trainable_params", 0), "seconds": round(self.seconds(), 1)}
+             "trainable_params": self.extra.get("trainable_params", 0), "seconds": round(self.seconds(), 1),
+             "seconds_pretraining": round(self.seconds_pretraining(), 1)}
         s.update({k: v for k, v in self.extra.items() if k != "trainable_params"})
         return s
 
@@ -1027,8 +1451,9 @@ class Run:
             names[t] + "," + ",".join(f"{v:.2f}" for v in row) + "\n" for t, row in enumerate(self.acc))
         atomic_write_text(self.out / "acc_matrix.csv", csv)
         atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+        partial = self.partial_label()
         plot_matrix(names, self.acc, self.out / "acc_matrix.png",
-                    f"{self.method} {self.args.benchmark} order {self.args.order}")
+                    f"{self.method} {self.args.benchmark} order {self.args.order}" + (f" ({partial})" if partial else ""))
 
     def print_final(self) -> None:
         """The table and metrics; also the metrics of every other accuracy matrix the method
@@ -1036,8 +1461,12 @@ class Run:
         print(format_table(self.datasets, self.acc, self.zero_shot))
         z = mtil_metrics([self.zero_shot] * len(self.datasets))
         print(f"(zero-shot: Transfer {r1(z['transfer'])}   Average {r1(z['average'])}   Last {r1(z['last'])})")
+        partial = self.partial_label()
         for k, v in self.extra.items():
             if isinstance(v, list) and v and all(isinstance(r, list) and len(r) == len(self.datasets) for r in v):
                 m = mtil_metrics(v)
-                print(f"({k}: Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])})")
-        print(f"run folder: {self.out}")
+                print(f"({k}{', ' + partial if partial else ''}: Transfer {r1(m['transfer'])}   "
+                      f"Average {r1(m['average'])}   Last {r1(m['last'])})")
+        pre = self.seconds_pretraining()
+        print(f"run folder: {self.out} ({self.seconds():.0f} s" + (f"; toy CLIP pretraining {pre:.0f} s)" if pre >= 0.5 else ")"))
+        self._lock.release()

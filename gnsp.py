@@ -66,6 +66,10 @@ reads them on every pass of its loader; the eval transform is deterministic: the
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see common.py, section 1)
+
 import time
 
 import torch

@@ -61,6 +61,10 @@ Run:    python igsp.py --benchmark toy                           # CPU, minutes
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see common.py, section 1)
+
 import math
 import time
 

@@ -62,6 +62,10 @@ Run:    python keeplora.py --benchmark toy                        # KeepLoRA++ o
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see common.py, section 1)
+
 import math
 import time
 

@@ -43,6 +43,10 @@ router's gates; the AGO critical set has --merge-k columns (the code hard-codes 
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see common.py, section 1)
+
 import math
 import random
 import time
