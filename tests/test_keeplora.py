@@ -273,8 +273,9 @@ def _cli(toy_weights, out, *extra):
     return r
 
 
-def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
-    _cli(toy_weights, tmp_path / "a", "--max-tasks", "2")
+def test_cli_end_to_end_and_resume(toy_weights, tmp_path, alignment_recorded):
+    align, check_alignment = alignment_recorded
+    r = _cli(toy_weights, tmp_path / "a", "--max-tasks", "2", *align)
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     for key in ("method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average", "last",
                 "trainable_params", "seconds", "grad_seconds", "svd_seconds", "feature_seconds", "train_seconds",
@@ -283,6 +284,8 @@ def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
     assert s["method"] == "keeplora++" and len(s["acc_matrix"]) == 2 and len(s["feature_seconds"]) == 2
     assert len(s["loss"]) == 2 and all(v > 0 for v in s["loss"])
     assert 0 < s["protected_frac_visual"][0] < s["protected_frac_visual"][1] <= 1
-    _cli(toy_weights, tmp_path / "b", "--max-tasks", "1")
-    _cli(toy_weights, tmp_path / "b", "--max-tasks", "2", "--resume")
+    check_alignment(s)                                         # after every task and at zero-shot
+    assert "held-out pairs: modality gap" in r.stdout
+    _cli(toy_weights, tmp_path / "b", "--max-tasks", "1", *align)
+    _cli(toy_weights, tmp_path / "b", "--max-tasks", "2", "--resume", *align)
     assert (tmp_path / "a" / "acc_matrix.csv").read_text() == (tmp_path / "b" / "acc_matrix.csv").read_text()
