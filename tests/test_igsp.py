@@ -143,8 +143,12 @@ def _same(moes, snap, t):
                and torch.equal(m.W_g[t], snap[n][1]) and torch.equal(m.W_noise[t], snap[n][2]) for n, m in moes.items())
 
 
-def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch):
-    args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0")
+@pytest.mark.parametrize("terms", [(), ("--lambda-s", "0", "--lambda-o", "0")])
+def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch, terms):
+    """After a real task 2 (both phases) the frozen history and task 1's router are bit-identical,
+    and task 1's outputs under its router exact. Also with the subspace terms off (--lambda-s 0
+    --lambda-o 0): what protects earlier tasks here is the frozen history, not those terms."""
+    args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0", *terms)
     tasks = [_task("A", 1), _task("B", 2)]
     method = igsp.init_method(tiny_clip, args, len(tasks))
     moes = method["moes"]
