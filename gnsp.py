@@ -317,7 +317,8 @@ def setup(args, device):
     # the teacher is the original CLIP: its reference logits, for each task, before any training
     Z0 = [teacher_logits(model, refs[t], ref_batch_size(args, tasks[t], t), args, device)
           for t in range(common.n_train_tasks(args, tasks))] if refs else None
-    seen = {f for r in refs for f in r.files} if refs and args.benchmark == "mtil" else None  # never held out
+    # the reference images are never held out (MTIL; toy: another split)
+    seen = {f for r in refs for f in r.files} if refs and args.benchmark == "mtil" and args.align_n else None
     return model, tasks, {"refs": refs, "Z0": Z0, "align": common.Alignment(model, args, device, exclude=seen),
                           "n_tasks": len(tasks), "M": {}}   # M: layer name -> accumulated statistics (d_in, d_in), CPU
 
