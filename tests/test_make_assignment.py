@@ -25,10 +25,12 @@ GRADING_RE = re.compile(r"^python -m pytest -n 0 -m ex(\d+)((?: tests/[\w/]+\.py
 
 
 def grading_argv(command: str) -> list[str]:
-    """The grading command as a subprocess runs it: this interpreter, no cache, stop at the first failure."""
+    """The grading command as a subprocess runs it: this interpreter, no cache. Not -x: every selected
+    test must fail in a blanked copy (a test that passes there grades nothing), and a test fails at
+    once when it reaches the NotImplementedError (a few seconds in all)."""
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "pytest"], command
-    return [sys.executable, "-m", "pytest", *argv[3:], "-p", "no:cacheprovider", "-x", "-q"]
+    return [sys.executable, "-m", "pytest", *argv[3:], "-p", "no:cacheprovider", "-q"]
 
 
 def run_grading(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -235,6 +237,9 @@ def test_blanked_copy_fails_the_exercise_grading(n, tmp_path):
     assert r.returncode == 1, f"exercise {n}: the blanked copy must fail its grading (exit 1), got {r.returncode}:\n{log[-3000:]}"
     assert f"NotImplementedError: exercise {n}: implement" in log, \
         f"exercise {n}: the failure must be the blanked function's NotImplementedError:\n{log[-3000:]}"
+    last = log.strip().splitlines()[-1]
+    assert re.match(r"\d+ failed, \d+ deselected in ", last), \
+        f"exercise {n}: every test of the grading must fail in the blanked copy, got: {last}"
 
 
 @pytest.mark.slow
