@@ -124,8 +124,12 @@ def test_table_figures_and_skipped_folders(runs, tmp_path, capsys):
 
 
 def test_partial_runs_on_request_and_benchmark_choice(runs, tmp_path, capsys):
-    assert report.main([str(runs["ft"]), str(runs["partial"]), "--partial", "--out", str(tmp_path / "a")]) == 0
-    rows = rows_of(capsys.readouterr().out)
+    (tmp_path / "a").mkdir()                                          # `runs/*` may name the report's own folder
+    assert report.main([str(runs["ft"]), str(runs["partial"]), str(tmp_path / "a"), "--partial",
+                        "--out", str(tmp_path / "a")]) == 0
+    std = capsys.readouterr()
+    rows = rows_of(std.out)
+    assert f"skipped {tmp_path / 'a'}: the report's own folder (--out)" in std.err
     assert rows["Rank-1 pool (DAC) (partial: 2 of 3 tasks)"][1:4] == metrics(G1[:2]), \
         "--partial includes an unfinished run, labelled, with the metrics of its rows"
     assert report.main([str(runs["ft"]), str(runs["g1"]), str(runs["mtil"]), "--benchmark", "mtil",

@@ -280,6 +280,9 @@ def plot_curves(runs: list[RunInfo], path: Path) -> None:
             if d < len(s["acc_matrix"]):
                 ax.plot([d + 1], [s["acc_matrix"][d][d]], "o", color=c, ms=4)
         ax.set_title(name, fontsize=9)
+        T = max(len(r.summary["datasets"]) for r in runs)
+        ax.set_xticks(range(0, T + 1, 1 + T // 12))                # stages are whole tasks
+        ax.set_xlim(-0.3, T + 0.3)
         ax.set_xlabel("after task (0 = zero-shot)", fontsize=7)
         ax.set_ylabel("accuracy (%)", fontsize=7)
         ax.tick_params(labelsize=7)
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in seen:
             continue
         seen.add(key)
-        got = read_run(path, a.partial)
+        got = "the report's own folder (--out)" if key == os.path.realpath(a.out) else read_run(path, a.partial)
         if isinstance(got, str):
             skipped.append((path, got))
         else:
