@@ -169,6 +169,8 @@ def blank_functions(path: Path, targets: list[tuple[list[str], str, str]]) -> li
     for start, end, indent, message, dotted in reversed(kept):     # bottom up: earlier line numbers stay valid
         last = lines[end - 1] if end > 0 else "\n"
         newline = last[len(last.rstrip("\r\n")):] or "\n"
+        if start == end and not lines[start - 1].endswith(("\n", "\r")):
+            lines[start - 1] += newline                              # a docstring on the file's last line
         quoted = '"' + message.replace("\\", "\\\\").replace('"', '\\"') + '"'
         lines[start:end] = [f"{indent}raise NotImplementedError({quoted}){newline}"]
         done.append(f"{dotted} ({path.name}, {end - start} lines replaced)")
