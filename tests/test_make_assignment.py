@@ -71,10 +71,13 @@ def test_every_exercise_has_reading_expected_results_and_questions_with_real_fla
     sources = "".join((ROOT / f).read_text() for f in ("common.py", "finetune.py", "gnsp.py", "keeplora.py",
                                                        "rank1_pool.py", "igsp.py", "tools/report.py",
                                                        "tools/sweep.py", "tools/make_assignment.py"))
+    assert "TBD" not in text, "a placeholder left in ASSIGNMENTS.md"
     for n, part in enumerate(parts, 1):
         for key in ("**Read:**", "**Implement:**", "**Graded by:**", "**On the toy benchmark:**", "**Questions**"):
             assert key in part, f"exercise {n} lacks {key}"
-        assert "RANGE-TBD" in part and "--benchmark toy" in part, f"exercise {n}: the toy command and its ranges"
+        ranges = re.findall(r"Transfer (\d+\.\d)(?:-(\d+\.\d))? / Average \d+\.\d(?:-\d+\.\d)? / Last \d+\.\d", part)
+        assert ranges and "--benchmark toy" in part, f"exercise {n}: the toy command and its measured range"
+        assert all(not hi or float(lo) < float(hi) for lo, hi in ranges), f"exercise {n}: an empty range {ranges}"
         questions = re.findall(r"^\d+\. ", part.split("**Questions**")[1], re.M)
         assert 2 <= len(questions) <= 3, f"exercise {n} has {len(questions)} questions, want 2 or 3"
         for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", part)):
