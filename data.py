@@ -33,7 +33,7 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -854,6 +854,8 @@ CIL_STEPS = {
     "cil-tinyimagenet": {5: (100, 20), 10: (100, 10), 20: (100, 5)},
 }
 CIL_TEMPLATES = ["a bad photo of a {}."]  # every config's prompt_template: trains and evaluates
+# cil/configs/class/*.yaml batch_size: 128 for CIFAR-100 10-10 and 5-5, 64 for 2-2 and every TinyImageNet config
+CIL_BATCH_SIZE = {"cil-cifar100": {10: 128, 20: 128, 50: 64}, "cil-tinyimagenet": {5: 64, 10: 64, 20: 64}}
 
 XTAIL_DOMAINS = [n for n in MTIL_ORDERS["I"] if n != "CIFAR100"]  # RAIL configs/analytic_clip.yaml
 XTAIL_SHOTS = 16                                                   # ... num_shots
@@ -862,7 +864,8 @@ RAIL_TEMPLATES = ["a photo of a {}."]  # the one template of RAIL's union classi
 
 @dataclass
 class CILTask(Task):
-    new_start: int  # classnames[new_start:] are the step's new classes (its train labels' range)
+    new_start: int  # union_classnames[new_start:] are the step's new classes (its train labels' range)
+    union_classnames: list[str] = field(default_factory=list)  # every class seen up to this step (the test head)
 
 
 @dataclass
@@ -1047,8 +1050,19 @@ def cil_tasks(name: str, steps: int, root, seed: int | None = None, train_transf
         stop = start + size
         tasks.append(CILTask(f"{name}-step{k + 1}", union[:stop], list(CIL_TEMPLATES),
                              Relabelled(train, *items("train", start, stop)),
-                             Relabelled(test, *items("test", 0, stop)), start))
+                             Relabelled(test, *items("test", 0, stop)), start, union[:stop]))
     return tasks
+
+
+def new_classes_only(task: CILTask) -> CILTask:
+    """The step as MoE-Adapters trains it (cil/continual_clip/models.py:ClassIncremental.train):
+    the text head of the step's new classes only, train labels shifted to start at 0
+    (`targets -= shift`). classnames = the new classes; union_classnames and the test set (union
+    labels) are kept for evaluation."""
+    targets = dataset_targets(task.train)
+    train = Relabelled(task.train, list(range(len(targets))), [y - task.new_start for y in targets])
+    return CILTask(task.name, task.union_classnames[task.new_start:], list(task.templates), train, task.test,
+                   task.new_start, list(task.union_classnames))
 
 
 def xtail_tasks(root, seed: int = 42, shots: int = XTAIL_SHOTS, train_transform=None,
@@ -1064,9 +1078,9 @@ def xtail_tasks(root, seed: int = 42, shots: int = XTAIL_SHOTS, train_transform=
     if missing:
         raise MissingDataError(missing)
     default_train, default_eval = clip_transforms()
-    # DEVIATION: RAIL reads CoOp's split files (split_zhou_*.json), CoOp's class names and one
-    # template ("a photo of a {}.", RAIL_TEMPLATES) for every class; we keep ZSCL's splits, class
-    # names and each domain's templates (MTIL's builders), so zero-shot numbers match our MTIL runs.
+    # DEVIATION: RAIL reads CoOp's split files (split_zhou_*.json) and CoOp's class names; we keep
+    # ZSCL's splits and class names (MTIL's builders). As RAIL, one template for every domain,
+    # training and test: RAIL_TEMPLATES, "a photo of a {}." (primal_RAIL.py).
     tt = default_train if train_transform is None else train_transform
     et = default_eval if eval_transform is None else eval_transform
     domains = [load_mtil_task(n, root, tt, et) for n in names]
@@ -1076,8 +1090,77 @@ def xtail_tasks(root, seed: int = 42, shots: int = XTAIL_SHOTS, train_transform=
     # DEVIATION: a class with fewer than `shots` train images keeps them all (ZSCL's Flowers train
     # split has 10 per class); CoOp's sampler (RAIL) draws `shots` with replacement instead.
     offsets = union_offsets([len(t.classnames) for t in domains])
-    return [XTailTask(t.name, t.classnames, t.templates, few_shot_subset(t.train, shots, seed) if shots else t.train,
-                      t.test, offset, union) for t, offset in zip(domains, offsets)]
+    return [XTailTask(t.name, t.classnames, list(RAIL_TEMPLATES),
+                      few_shot_subset(t.train, shots, seed) if shots else t.train, t.test, offset, union)
+            for t, offset in zip(domains, offsets)]
+
+
+# ---- toy versions of both protocols (no files; the toy world of section 7) ----
+# CHOICE: in one label space the toy tasks' bare class names ("red", "small", "dark plain") read
+# poorly and could meet ("red" of a colour task and "red" of a stroke task); every class name
+# takes its task's noun, the one of the task's first template (Colours "a {} object." -> "red
+# object"). With this world's six tasks the 35 names are then distinct (tests/test_protocols.py).
+TOY_UNION_NAMES = {"Colours": "{} object", "Combos": "{}", "Scenes": "{} background", "Sizes": "{} object",
+                   "Textures": "{} background", "Tones": "{} picture"}
+TOY_CIL_STEPS = 5             # CHOICE: 35 classes in 5 steps of 7
+TOY_CIL_ORDER_SEED = 0        # CHOICE: the class order, a fixed seeded permutation of the 35 pooled classes
+TOY_CIL_PER_CLASS = (160, 40)  # CHOICE: train / test images per class (every class has at least 173 / 40)
+
+
+def toy_union_classnames(name: str) -> list[str]:
+    """The class names of toy task `name` in a label space shared with the other toy tasks."""
+    return [TOY_UNION_NAMES[name].format(c) for c in TOY_TASKS[name][1]]
+
+
+def toy_cil_tasks(steps: int = TOY_CIL_STEPS, seed: int = 0) -> list[CILTask]:
+    """toy-cil: the classes of the six toy tasks (toy_task(name, seed), Order I) pooled into one
+    label space of 35 classes (toy_union_classnames), the first TOY_CIL_PER_CLASS train / test
+    images of each, ordered by a fixed seeded permutation (TOY_CIL_ORDER_SEED) and cut into
+    `steps` equal steps; CILTasks as cil_tasks builds them (union labels, CIL_TEMPLATES).
+    Known limit: the toy tasks share one image distribution, so a pooled class is defined by the
+    task its image came from ("red object" images also show a background); accuracy over the
+    union has a ceiling below 100."""
+    names = TOY_ORDERS["I"]
+    parts = [toy_task(n, seed) for n in names]
+    pooled = [(i, c) for i, n in enumerate(names) for c in range(len(TOY_TASKS[n][1]))]  # (task, class)
+    if len(pooled) % steps:
+        raise ValueError(f"toy-cil: {len(pooled)} classes do not split into {steps} equal steps")
+    order = np.random.RandomState(TOY_CIL_ORDER_SEED).permutation(len(pooled)).tolist()
+    union = [toy_union_classnames(names[pooled[j][0]])[pooled[j][1]] for j in order]
+    splits = {}
+    for s, (split, cap) in enumerate(zip(("train", "test"), TOY_CIL_PER_CLASS)):
+        ds = torch.utils.data.ConcatDataset([getattr(p, split) for p in parts])
+        starts = union_offsets([len(getattr(p, split)) for p in parts])
+        idx, lab = [], []
+        for u, j in enumerate(order):                               # union label u = position in the order
+            i, c = pooled[j]
+            mine = (getattr(parts[i], split).targets == c).nonzero().squeeze(1)[:cap]
+            idx += (starts[i] + mine).tolist()
+            lab += [u] * len(mine)
+        splits[split] = (ds, idx, lab)
+
+    def items(split, lo, hi):
+        ds, idx, lab = splits[split]
+        keep = [k for k, y in enumerate(lab) if lo <= y < hi]
+        return Relabelled(ds, [idx[k] for k in keep], [lab[k] for k in keep])
+
+    size = len(pooled) // steps
+    return [CILTask(f"toy-cil-step{k + 1}", union[:(k + 1) * size], list(CIL_TEMPLATES),
+                    items("train", k * size, (k + 1) * size), items("test", 0, (k + 1) * size), k * size,
+                    union[:(k + 1) * size]) for k in range(steps)]
+
+
+def toy_xtail_tasks(seed: int = 42, shots: int = XTAIL_SHOTS, world_seed: int = 0) -> list[XTailTask]:
+    """toy-xtail: the six toy tasks in Order I as X-TAIL domains: `shots` train images per class
+    (few_shot_subset with `seed`; 0 = all), the task's own test set, class names in the shared
+    label space (toy_union_classnames), one template RAIL_TEMPLATES, and the union of all six
+    tasks' class names."""
+    domains = [toy_task(n, world_seed) for n in TOY_ORDERS["I"]]
+    names = [toy_union_classnames(t.name) for t in domains]
+    union = [c for n in names for c in n]
+    offsets = union_offsets([len(n) for n in names])
+    return [XTailTask(t.name, n, list(RAIL_TEMPLATES), few_shot_subset(t.train, shots, seed) if shots else t.train,
+                      t.test, offset, union) for t, n, offset in zip(domains, names, offsets)]
 
 
 # ---- 9. The command line ----

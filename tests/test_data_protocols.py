@@ -114,6 +114,7 @@ def _check_steps(tasks, name, steps, raw_names, train_per_class, test_per_class,
     for k, (task, size) in enumerate(zip(tasks, inc)):
         assert task.name == f"{name}-step{k + 1}" and task.templates == data.CIL_TEMPLATES
         assert task.new_start == seen and task.classnames == union[:seen + size]  # the union grows
+        assert task.union_classnames == task.classnames
         seen += size
         train_y = data.dataset_targets(task.train)
         assert sorted(set(train_y)) == list(range(task.new_start, seen))  # only the new classes
@@ -223,7 +224,7 @@ def test_xtail(mtil_root, md5):
     end = 0
     for t in tasks:
         assert t.offset == end and union[t.offset:t.offset + len(t.classnames)] == t.classnames
-        assert t.union_classnames is union and t.templates == data.TEMPLATES[t.name]
+        assert t.union_classnames is union and t.templates == data.RAIL_TEMPLATES == ["a photo of a {}."]
         end += len(t.classnames)
         assert t.classnames == info[t.name]["classnames"] and len(t.test) == info[t.name]["test"]
         test_y = data.dataset_targets(t.test)  # the domain's own test set, its own labels
