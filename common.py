@@ -1361,8 +1361,9 @@ def format_table(names: list[str], acc, zero_shot: list[float] | None = None, si
     lines = [" " * 14 + "".join(f"{s:>{w}}" for s in short)]
     if zero_shot is not None:
         lines.append(f"{'zero-shot':<14}" + "".join(cell(v) for v in zero_shot))
+    rows = [n.rsplit("-", 1)[-1] for n in names] if sizes is not None else short  # CIL: "after step3"
     for t, row in enumerate(A):
-        lines.append(f"{'after ' + short[t]:<14}"[:14] + "".join(cell(v) for v in row))
+        lines.append(f"{'after ' + rows[t]:<14}"[:14] + "".join(cell(v) for v in row))
     partial = (f"partial: {A.shape[0]} of {A.shape[1]} tasks trained, not comparable to a full run: "
                if A.shape[0] < A.shape[1] else "")
     lines.append(partial + metrics_line(A, sizes))

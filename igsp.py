@@ -57,6 +57,8 @@ Markers in the code:
 
 Run:    python igsp.py --benchmark toy                           # CPU, minutes
         python igsp.py --benchmark toy --variant moe-adapters    # the baseline
+        python igsp.py --benchmark cil-cifar100 --steps 10 --variant moe-adapters --data-root ~/data  # CIL
+        python igsp.py --benchmark xtail --data-root ~/data      # X-TAIL; toy-cil / toy-xtail on the CPU
         python igsp.py --order I --data-root ~/data              # MTIL, GPU
 """
 from __future__ import annotations
@@ -96,6 +98,7 @@ DEFAULTS = {
     "lr_per_task": (_LR_FULL_SHOT, {}),         # full-shot script: lr=(...)
     "lr_per_task_few_shot": (_LR_FEW_SHOT, {}),  # few-shot script: lr=(...)
     "warmup": (100, 10),                        # src/args.py --warmup_length. toy: CHOICE: measured, see notes/igsp.md
+    "warmup_cap": (True, True),                 # CHOICE: warm-up at most half the task's steps (none at MTIL's 100 of 1000)
     "label_smoothing": (0.2, 0.2),              # scripts: --ls 0.2
     "weight_decay": (0.0, 0.0),                 # src/args.py --wd
     # -- MoE-Adapters: experts and routers (clip/model.py, src/args.py)
@@ -130,6 +133,24 @@ DEFAULTS = {
     "amp": ("off", "off"),                      # fp32 training and evaluation
     "eval_prompts": ("ensemble", "ensemble"),   # the template ensemble for every dataset
     "align_n": (1000, 1000),                    # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
+}
+
+# CIL and X-TAIL (notes/protocols.md): what differs from the column above (cil, xtail: MTIL's;
+# toy-cil, toy-xtail: toy's). MoE-Adapters on CIL: its cil/configs/class/*.yaml exactly (AdamW lr
+# 1e-3, wd 0, ls 0, cosine after 30 warm-up iterations, uncapped, one epoch per step, batch 128 /
+# 64); cil/continual_clip/models.py:ClassIncremental.train. iGSP (CHOICE): the same epoch and
+# batch, its MTIL lr, warm-up and losses otherwise. X-TAIL is 16-shot (common.PROTOCOL_COMMON):
+# both variants take the few-shot script's iterations and per-dataset lrs.
+# DEVIATION: MoE-Adapters' cil/ configs use one router and two experts for the whole run; we keep
+# the MTIL module (a router per step, `--experts`, the most used frozen after each step) with the
+# task selector choosing a step's router per image (TaskSelector), so that both variants stay
+# task-free the same way on every benchmark. With more steps than --experts / --freeze-per-task
+# (CIFAR-100 in 20 or 50 steps) every expert is frozen after the first 11 steps and later steps
+# train only their routers.
+PROTOCOL_DEFAULTS = {
+    "cil": {"iterations": common.EPOCH, "batch_size": common.CIL_BATCH},
+    "cil:moe-adapters": {"lr": 1e-3, "lr_per_task": {}, "warmup": 30, "warmup_cap": False, "label_smoothing": 0.0,
+                         "weight_decay": 0.0},
 }
 
 
@@ -171,7 +192,7 @@ def parse_args(argv=None):
     g.add_argument("--oracle-eval", action="store_true",
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
     args = p.parse_args(argv)
-    args = common.finalize_args(args, args.variant, DEFAULTS)     # the run's method: igsp | moe-adapters
+    args = common.finalize_args(args, args.variant, DEFAULTS, PROTOCOL_DEFAULTS)  # the run's method: igsp | moe-adapters
     for name in ("bottleneck", "top_k", "experts", "candidates", "selector_hidden", "selector_samples"):
         if getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -185,12 +206,13 @@ def parse_args(argv=None):
 def hparams(args, task, t: int) -> common.HParams:
     """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS (the
     few-shot script's table with --few-shot)."""
-    d = common.defaults_for(args, DEFAULTS)
+    d = common.defaults_for(args, DEFAULTS, PROTOCOL_DEFAULTS, task)
     few = "_few_shot" if args.few_shot else ""
     iterations = args.iterations or d["iterations" + few]
     lr = args.lr if args.lr is not None else d["lr_per_task" + few].get(task.name, d["lr"])
     return common.HParams(iterations, args.batch_size or d["batch_size"], lr,
-                          warmup=min(args.warmup, iterations // 2), schedule="warmup+cosine")
+                          warmup=min(args.warmup, iterations // 2) if d["warmup_cap"] else args.warmup,
+                          schedule="warmup+cosine")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,13 +520,19 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
     task router (or CLIP), that router's image feature and that router's text head for the
     dataset's classes (route_images). Also, per dataset, the selector's accuracy (%): a seen
     dataset d <= t should get router d, an unseen one the untouched CLIP. `oracle`: use exactly
-    that choice."""
+    that choice. CIL and X-TAIL: the columns of common.eval_sets (the test images of step d's
+    classes / of domain d, over the union head), the same rule: an image of a class seen at step d
+    should get router d (CIL: every column is seen; NaN for a step not seen yet)."""
     model.eval()
-    row, sel_row = [], []
+    row, sel_row, heads = [], [], {}                                # heads: (route, classes, prompts) -> (e, C)
     with torch.inference_mode(), common.autocast(device, args.amp):
-        for d, task in enumerate(tasks):
+        for d, task in enumerate(common.eval_sets(tasks, t, args.benchmark)):
+            if task is None:
+                row.append(float("nan"))
+                sel_row.append(float("nan"))
+                continue
             target = d if d <= t else -1
-            heads, correct, hit, n = {}, 0, 0, 0
+            correct, hit, n = 0, 0, 0
             prompts = common.eval_templates(task.templates, d, t, args.eval_prompts)
             for images, labels in common.make_loader(task.test, args.eval_batch_size, shuffle=False, seed=0,
                                                      workers=args.workers, device=device):
@@ -513,10 +541,11 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
                 pred = torch.empty_like(labels)
                 for s in choice.unique().tolist():
                     rows = (choice == s).nonzero().squeeze(1)
-                    if s not in heads:
+                    key = (s, tuple(task.classnames), tuple(prompts))
+                    if key not in heads:
                         set_route(moes, None if s < 0 else s)
-                        heads[s] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
-                    pred[rows] = (f[rows] @ heads[s].to(f.dtype)).argmax(-1)
+                        heads[key] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
+                    pred[rows] = (f[rows] @ heads[key].to(f.dtype)).argmax(-1)
                 correct += (pred == labels).sum().item()
                 hit += (choice == target).sum().item()
                 n += len(labels)
@@ -570,6 +599,7 @@ def moe_adapters_trainable(trained: int, moes: dict[str, MoEMLP], t: int, n_task
 
 
 def _mean(v: list[float]):
+    v = [x for x in v if not math.isnan(x)]                         # NaN: a CIL step not seen yet
     return round(sum(v) / len(v), 2) if v else None
 
 

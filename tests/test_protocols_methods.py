@@ -1,0 +1,74 @@
+"""Every method script on the class-incremental and X-TAIL protocols, end to end in one process:
+toy-cil and toy-xtail (the tiny CLIP, 2 iterations a task) and the fake CIFAR-100 tree of
+tests/test_data_protocols.py (the real CIL loaders), through the run folder and summary.json."""
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+import data
+from fake_mtil import skip_md5_checks, write_fake_imagenet
+from test_data_protocols import write_fake_cifar100
+
+# each method's flags that keep a toy task to a few seconds (its own passes over the data)
+FAST = {"gnsp": ["--ref-n", "16", "--gram-batches", "2"],
+        "keeplora": ["--grad-batches", "2", "--feature-batches", "2"],
+        "rank1_pool": [],
+        "igsp": ["--selector-samples", "32", "--selector-steps", "5", "--oracle-eval"],
+        "moe-adapters": ["--selector-samples", "32", "--selector-steps", "5", "--oracle-eval"]}
+METHODS = list(FAST)
+NAME = {"keeplora": "keeplora++"}                                    # the run's method: keeplora.py's default variant
+
+
+def run(method, out, *argv):
+    script = "igsp" if method == "moe-adapters" else method
+    variant = ["--variant", "moe-adapters"] if method == "moe-adapters" else []
+    importlib.import_module(script).main([*argv, *variant, *FAST[method], "--iterations", "2", "--max-tasks", "2",
+                                          "--align-n", "0", "--no-progress", "--out", str(out)])
+    return json.loads((out / "summary.json").read_text()), json.loads((out / "config.json").read_text())
+
+
+def check_cil(s, method, steps):
+    assert s["method"] == NAME.get(method, method) and s["steps"] == steps and len(s["acc_matrix"]) == len(s["cil_acc"]) == 2
+    for k, row in enumerate(s["acc_matrix"]):
+        assert all(v is not None and 0 <= v <= 100 for v in row[:k + 1]) and all(v is None for v in row[k + 1:])
+    assert s["avg"] == pytest.approx(np.mean(s["cil_acc"])) and s["last"] == s["cil_acc"][-1]
+    assert s["transfer"] is None and s["average"] is None and s["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_toy_cil(method, tmp_path, toy_weights):
+    s, cfg = run(method, tmp_path / "o", "--benchmark", "toy-cil", "--pretrained", str(toy_weights))
+    check_cil(s, method, 5)
+    assert s["datasets"] == [f"toy-cil-step{k}" for k in range(1, 6)]
+    assert cfg["args"]["few_shot"] == 0
+    if method in ("igsp", "moe-adapters"):                           # the selector routes among the steps
+        assert 0 <= s["selector_acc_seen"][-1] <= 100 and s["selector_fallback_unseen"][-1] is None
+        assert len(s["acc_oracle"]) == 2 and s["acc_oracle"][0][1] is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_toy_xtail(method, tmp_path, toy_weights):
+    s, cfg = run(method, tmp_path / "o", "--benchmark", "toy-xtail", "--pretrained", str(toy_weights))
+    assert s["method"] == NAME.get(method, method) and s["datasets"] == data.TOY_ORDERS["I"] and len(s["acc_matrix"]) == 2
+    assert all(0 <= v <= 100 for row in s["acc_matrix"] for v in row) and s["transfer"] is not None
+    assert cfg["args"]["few_shot"] == 16
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar100(root)
+    write_fake_imagenet(root, per_class=12)                          # GNSP's reference pairs
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fake_cifar100(method, cifar_root, tmp_path, toy_weights):
+    with skip_md5_checks():
+        s, cfg = run(method, tmp_path / "o", "--benchmark", "cil-cifar100", "--steps", "20", "--data-root",
+                     str(cifar_root), "--model", "toy-tiny", "--pretrained", str(toy_weights), "--batch-size", "4",
+                     "--workers", "0")
+    check_cil(s, method, 20)
+    assert len(s["datasets"]) == 20 and cfg["per_task"][0]["batch_size"] == 4
