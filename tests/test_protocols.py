@@ -183,6 +183,11 @@ def test_finetune_toy_cil_and_toy_xtail(tmp_path, toy_weights):
     assert s["datasets"] == [f"toy-cil-step{k}" for k in range(1, 6)] and not s["complete"]
     csv = (tmp_path / "cil" / "acc_matrix.csv").read_text().splitlines()
     assert csv[1].endswith(",,,,") and (tmp_path / "cil" / "acc_matrix.png").is_file()
+    report = _report_tool()                                          # tools/report.py reads CIL runs too
+    assert report.main([str(tmp_path / "cil"), "--partial", "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| method / variant | order | Avg | Last |" in md and "Transfer" not in md
+    assert (tmp_path / "rep" / "acc_matrices.png").is_file() and (tmp_path / "rep" / "acc_curves.png").is_file()
     finetune.main(["--benchmark", "toy-xtail", "--pretrained", str(toy_weights), "--iterations", "2",
                    "--max-tasks", "2", "--align-n", "0", "--no-progress", "--out", str(tmp_path / "xt")])
     s = json.loads((tmp_path / "xt" / "summary.json").read_text())
@@ -190,6 +195,15 @@ def test_finetune_toy_cil_and_toy_xtail(tmp_path, toy_weights):
     assert all(isinstance(v, float) for row in s["acc_matrix"] for v in row) and s["transfer"] is not None
     cfg = json.loads((tmp_path / "xt" / "config.json").read_text())
     assert cfg["args"]["few_shot"] == 16 and cfg["per_task"][0]["iterations"] == 2
+
+
+def _report_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report_tool", ROOT / "tools" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    sys.modules["report_tool"] = report                              # dataclasses look their module up there
+    spec.loader.exec_module(report)
+    return report
 
 
 def test_sigkill_mid_protocol_then_resume_equals_uninterrupted(tmp_path, toy_weights):
