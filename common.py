@@ -102,7 +102,8 @@ def _main_with_messages(main: Callable[[list[str] | None], None], argv: list[str
     try:
         main(argv)
     except (UserError, data.MissingDataError) as e:
-        hint = ("\n(no data at hand? every script also runs offline on the toy benchmark: --benchmark toy)"
+        hint = ("\n(no data at hand? every script also runs offline on the toy benchmark: --benchmark toy, "
+                "and the toy versions of CIL and X-TAIL: toy-cil, toy-xtail)"
                 if isinstance(e, data.MissingDataError) else "")
         _release_claims(failed=True)
         print(f"error: {e}{hint}", file=sys.stderr)

@@ -141,7 +141,8 @@ DEFAULTS = {
 # 64); cil/continual_clip/models.py:ClassIncremental.train. iGSP (CHOICE): the same epoch and
 # batch, its MTIL lr, warm-up and losses otherwise. X-TAIL is 16-shot (common.PROTOCOL_COMMON):
 # both variants take the few-shot script's iterations and per-dataset lrs.
-# DEVIATION: MoE-Adapters' cil/ configs use one router and two experts for the whole run; we keep
+# DEVIATION: MoE-Adapters' cil/ code has its own module settings (one router and two experts for
+# the whole run, as notes/protocols.md 1.3 reads it); we keep
 # the MTIL module (a router per step, `--experts`, the most used frozen after each step) with the
 # task selector choosing a step's router per image (TaskSelector), so that both variants stay
 # task-free the same way on every benchmark. With more steps than --experts / --freeze-per-task
