@@ -72,3 +72,33 @@ def test_fake_cifar100(method, cifar_root, tmp_path, toy_weights):
                      "--workers", "0")
     check_cil(s, method, 20)
     assert len(s["datasets"]) == 20 and cfg["per_task"][0]["batch_size"] == 4
+
+
+def test_protocol_budgets_per_method():
+    """CIL: one epoch (ceil(N / B) + 1) at the config's batch size for every method; MoE-Adapters
+    with its CIL config exactly (lr 1e-3, ls 0, wd 0, 30 warm-up steps even in a 21-step task);
+    X-TAIL: each method's per-dataset / few-shot budget."""
+    import gnsp
+    import igsp
+    import keeplora
+    import rank1_pool
+
+    def parse(m, *flags):
+        return m.parse_args([*flags, "--out", "/nonexistent"])
+    step = data.Task("cil-cifar100-step1", ["a"] * 5, ["{}"], list(range(2500)), [])   # 5-5: 2500 images a step
+    moe = parse(igsp, "--benchmark", "cil-cifar100", "--steps", "20", "--variant", "moe-adapters")
+    hp = igsp.hparams(moe, step, 0)
+    assert (hp.iterations, hp.batch_size, hp.lr, hp.warmup) == (21, 128, 1e-3, 30)   # notes/protocols.md 1.3
+    assert (moe.label_smoothing, moe.weight_decay) == (0.0, 0.0)
+    ig = parse(igsp, "--benchmark", "cil-cifar100", "--steps", "20")
+    assert igsp.hparams(ig, step, 0).warmup == 10 and ig.label_smoothing == 0.2        # iGSP: its own (CHOICE)
+    for m in (gnsp, keeplora, rank1_pool):
+        a = parse(m, "--benchmark", "cil-cifar100", "--steps", "20")
+        assert (m.hparams(a, step, 0).iterations, m.hparams(a, step, 0).batch_size) == (21, 128), m.__name__
+        assert a.few_shot == 0
+    assert gnsp.hparams(parse(gnsp, "--benchmark", "cil-cifar100"), step, 0).lr == 1e-5
+    aircraft = data.Task("Aircraft", ["a"] * 100, ["{}"], list(range(1600)), [])       # 16 shots of 100 classes
+    assert keeplora.hparams(parse(keeplora, "--benchmark", "xtail"), aircraft, 0).iterations == 10 * 25
+    assert rank1_pool.hparams(parse(rank1_pool, "--benchmark", "xtail"), aircraft, 0).iterations == 500
+    assert igsp.hparams(parse(igsp, "--benchmark", "xtail"), aircraft, 0).lr == 8e-3     # the few-shot script's
+    assert gnsp.hparams(parse(gnsp, "--benchmark", "xtail"), aircraft, 0).iterations == 100
