@@ -1435,6 +1435,7 @@ class Run:
     def summary(self) -> dict:
         m = mtil_metrics(self.acc)
         s = {"method": self.method, "benchmark": self.args.benchmark, "order": self.args.order,
+             **({"toy_world": data.TOY_WORLD_VERSION} if self.args.benchmark == "toy" else {}),
              "datasets": self.datasets, "complete": self.complete, "tasks_done": len(self.acc),
              "zero_shot": self.zero_shot, "acc_matrix": self.acc,
              "transfer": m["transfer"], "average": m["average"], "last": m["last"],
