@@ -19,7 +19,9 @@ Nothing in here is one method's decision. Contents, in file order:
   4. Input statistics and linear algebra: forward hooks on module inputs, Gram accumulation,
      orthonormalisation.
   5. Evaluation and metrics: class prompts, zero-shot heads, which prompts each protocol uses
-     (`eval_templates`), accuracy rows, ZSCL's Transfer / Average / Last, the table, the heatmap.
+     (`eval_templates`), accuracy rows, the alignment diagnostics on held-out image-caption pairs
+     (`Alignment`: modality gap, image<->text Recall@1), ZSCL's Transfer / Average / Last, the
+     table, the heatmap.
   6. The run folder (`Run`): owned by one live process (`claim_run_folder`, the lock file
      run.lock), config.json (with each task's resolved HParams), acc_matrix.csv/png, summary.json
      (`complete`, `tasks_done`), the atomic per-task checkpoint, `--resume`, the warning after a
@@ -158,6 +160,10 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--max-tasks", type=int, default=None,
                    help="stop after training this many tasks (every dataset is still evaluated)")
     g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--align-n", type=int, default=None,
+                   help="held-out image-caption pairs for the modality gap and image<->text Recall@1 after "
+                        "every task (toy: the toy world's held-out split; mtil: ImageNet train images, skipped "
+                        "without ImageNet); 0 = off")
     g.add_argument("--amp", choices=["official", "off", "tf32", "fp16", "bf16"], default="official",
                    help="precision of training and evaluation on CUDA (CPU runs stay fp32): official = the "
                         "method's official code (off = fp32 for all but KeepLoRA's fp16 autocast); tf32 "
@@ -197,10 +203,11 @@ def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argp
             continue
         if getattr(args, name) is None or (name in ("amp", "eval_prompts") and getattr(args, name) == "official"):
             setattr(args, name, value)
-    for name in ("iterations", "batch_size", "max_tasks", "few_shot", "workers", "eval_batch_size"):
+    for name in ("iterations", "batch_size", "max_tasks", "few_shot", "workers", "eval_batch_size", "align_n"):
         v = getattr(args, name)
-        if v is not None and v < (0 if name in ("few_shot", "workers") else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('few_shot', 'workers') else '>= 1'}, got {v}")
+        zero_ok = name in ("few_shot", "workers", "align_n")
+        if v is not None and v < (0 if zero_ok else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '>= 1'}, got {v}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     args.progress = (not args.no_progress) and sys.stderr.isatty()
@@ -1020,6 +1027,128 @@ def evaluate_all(model: ClipView, tasks: list, args, device, t: int = -1) -> lis
     benchmark, with the prompts of `--eval-prompts` (eval_templates) and the precision of `--amp`."""
     return [evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp, args.progress,
                      eval_templates(task.templates, d, t, args.eval_prompts)) for d, task in enumerate(tasks)]
+
+# ---- the alignment diagnostics: modality gap and retrieval on held-out image-caption pairs ----
+
+# GNSP's ImageNet reference sample per task at its default size (Ppp-Ttt/GNSP@55746ce:
+# configs/mtil_order_{I,II}.json ref_data_nums) and its seeds (helpers.py:prepare_ref_dataset:
+# 42 + the dataset's Order-I index; gnsp.py draws them with --seed + that index).
+ALIGN_EXCLUDED_REF_N = 1000
+ALIGN_SEED_OFFSET = 1000   # CHOICE: the held-out draw's seed --seed + 1000, none of the reference seeds (+0..10)
+
+def alignment_pairs(args, model: ClipView, exclude: set[str] | None = None):
+    """The held-out image-caption pairs of the alignment metrics, the same for every script, or
+    None (--align-n 0, or no ImageNet on MTIL: a one-line note).
+    toy: data.toy_reference(seed=0, n=--align-n, split="heldout"), a split the reference pairs
+    and the toy CLIP's pretraining never draw from.
+    mtil: ImageNet-train images with the eval transform: the first --align-n of the draw with
+    seed --seed + 1000 (data.imagenet_reference) that lie in none of `exclude`, by default the
+    11 per-task reference samples GNSP draws at its defaults (1000 images each, seed --seed +
+    the dataset's Order-I index), so that no script, GNSP included, is measured on an image it
+    trained on. gnsp.py passes the files of the samples it really uses.
+    CHOICE (every script but gnsp.py, which needs ImageNet anyway): without ImageNet the run goes
+    on without the metrics."""
+    if not args.align_n:
+        return None
+    if args.benchmark == "toy":
+        return data.toy_reference(seed=0, n=args.align_n, split="heldout")
+    if data.imagenet_missing(args.data_root):
+        print(f"note: no ImageNet train folder ({Path(args.data_root).expanduser() / 'ImageNet' / 'train'}): "
+              "modality gap / retrieval on held-out pairs are not reported", flush=True)
+        return None
+    if exclude is None:
+        exclude = {f for i in range(len(data.MTIL_ORDERS["I"]))
+                   for f in data.imagenet_reference(args.data_root, ALIGN_EXCLUDED_REF_N, args.seed + i).files}
+    ev = data.clip_transforms(model.image_size)[1]
+    cand = data.imagenet_reference(args.data_root, args.align_n + len(exclude), args.seed + ALIGN_SEED_OFFSET, ev)
+    keep = [i for i, f in enumerate(cand.files) if f not in exclude][:args.align_n]
+    if not keep:
+        print("note: every ImageNet train image is in a reference sample: modality gap / retrieval on "
+              "held-out pairs are not reported", flush=True)
+        return None
+    return data.ImageNetReference([cand.files[i] for i in keep], [cand.captions[i] for i in keep], ev)
+
+def alignment_from_features(U: torch.Tensor, V, idx: torch.Tensor, route: torch.Tensor | None = None) -> dict:
+    """The alignment metrics of N image-caption pairs from their features.
+    U: (N, e) normalised image features; idx: (N,) the index of image i's caption among the C
+    distinct captions; V: (C, e) their normalised text features, or a dict route -> (C, e) when
+    the text features depend on a route and image i is scored under its own route[i] ((N,)).
+    With S[i, c] = <u_i, v_c> (under route[i]):
+      modality gap = ||mean_i u_i - mean_i v_idx(i)||_2   (Liang et al., NeurIPS 2022, arXiv 2203.02053)
+      i2t_r1 = % of images whose top caption is their own (argmax_c S[i, c] = idx(i))
+      t2i_r1 = % of distinct captions whose top image has that caption (idx(argmax_i S[i, c]) = c)
+    CHOICE: recall over the distinct captions (several images may share one, as ImageNet's
+    class captions do); ties go to the lower index (argmax)."""
+    if not isinstance(V, dict):
+        V, route = {0: V}, torch.zeros(len(U), dtype=torch.long, device=U.device)
+    C = next(iter(V.values())).shape[0]
+    S = U.new_empty(len(U), C)                                         # (N, C) similarities
+    V_pair = torch.empty_like(U)                                       # (N, e) each image's caption feature
+    for r, V_r in V.items():
+        rows = (route == r).nonzero().squeeze(1)
+        S[rows] = U[rows] @ V_r.T                                      # (n_r, e) @ (e, C)
+        V_pair[rows] = V_r[idx[rows]]
+    i2t = (S.argmax(1) == idx).float().mean()                          # (N,)
+    t2i = (idx[S.argmax(0)] == torch.arange(C, device=U.device)).float().mean()  # (C,)
+    return {"modality_gap": round((U.mean(0) - V_pair.mean(0)).norm().item(), 4),
+            "i2t_r1": round(100 * i2t.item(), 2), "t2i_r1": round(100 * t2i.item(), 2)}
+
+@torch.no_grad()
+def alignment_metrics(model: ClipView, pairs, args, device,
+                      encode_image: Callable[[torch.Tensor], tuple] | None = None,
+                      encode_texts: Callable[[list[str], int], torch.Tensor] | None = None) -> dict:
+    """modality_gap, i2t_r1, t2i_r1 (alignment_from_features) of `model` on held-out `pairs`
+    (alignment_pairs), at the precision of evaluation (--amp). A method whose deployed encoders
+    depend on the input passes its own: encode_image(images on device) -> (normalised features
+    (n, e), route (n,) ints), and encode_texts(captions, route) -> normalised (C, e); by default
+    the plain encoders, one route."""
+    model.eval()
+    if encode_image is None:
+        def encode_image(x):
+            return model.encode_image(x, normalize=True), torch.zeros(len(x), dtype=torch.long, device=x.device)
+    if encode_texts is None:
+        def encode_texts(captions, r):
+            return model.encode_texts(captions, device)
+    U, routes, caps = [], [], []
+    with autocast(device, args.amp):
+        for images, captions in make_loader(pairs, args.eval_batch_size, False, 0, args.workers, device=device):
+            u, r = encode_image(images.to(device, non_blocking=True))
+            U.append(u.float())
+            routes.append(r)
+            caps += list(captions)
+        U, route = torch.cat(U), torch.cat(routes)                     # (N, e), (N,)
+        ids = {c: i for i, c in enumerate(dict.fromkeys(caps))}
+        uniq = list(ids)
+        idx = torch.tensor([ids[c] for c in caps], device=U.device)    # (N,) caption id of each image
+        V = {r: torch.cat([encode_texts(uniq[i:i + 256], r).float() for i in range(0, len(uniq), 256)])  # (C, e)
+             for r in route.unique().tolist()}
+    return alignment_from_features(U, V, idx, route)
+
+def alignment_note(info: dict, zero_shot: dict | None = None) -> str:
+    """One line under the task's line: the held-out metrics (the untouched model's in brackets)."""
+    z = zero_shot or {}
+    def part(key: str, fmt: str, label: str = "") -> str:
+        return f"{info[key]:{fmt}}" + (f" ({label}{z[key]:{fmt}})" if key in z else "")
+    return (f"held-out pairs: modality gap {part('modality_gap', '.3f', 'zero-shot ')}"
+            f"  R@1 image->text {part('i2t_r1', '.1f')}  text->image {part('t2i_r1', '.1f')}")
+
+class Alignment:
+    """A run's alignment diagnostics: the held-out pairs (alignment_pairs) and the untouched
+    model's metrics, measured when the run is set up (so a resumed run still has them).
+    `info(model, t, args, device, ...)`: what a script's evaluate adds after task t (t = -1: the
+    zero-shot metrics), {} without pairs."""
+
+    def __init__(self, model: ClipView, args, device, exclude: set[str] | None = None):
+        self.pairs = alignment_pairs(args, model, exclude)
+        self.zero_shot = None if self.pairs is None else alignment_metrics(model, self.pairs, args, device)
+
+    def info(self, model: ClipView, t: int, args, device, encode_image=None, encode_texts=None) -> dict:
+        if self.pairs is None:
+            return {}
+        if t < 0:
+            return {**self.zero_shot, "note": alignment_note(self.zero_shot, None)}
+        m = alignment_metrics(model, self.pairs, args, device, encode_image, encode_texts)
+        return {**m, "note": alignment_note(m, self.zero_shot)}
 
 def mtil_metrics(acc) -> dict:
     """ZSCL's Transfer / Average / Last for an accuracy matrix A[t, d] (rows = after task t,

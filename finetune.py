@@ -41,6 +41,7 @@ DEFAULTS = {  # name: (MTIL, toy). MTIL: ZSCL mtil/scripts/finetune.sh. toy: CHO
     "weight_decay": (0.0, 0.0),
     "amp": ("off", "off"),                                      # ZSCL: fp32 training and evaluation
     "eval_prompts": ("ensemble", "ensemble"),                   # ZSCL: every template, every dataset
+    "align_n": (1000, 1000),                                    # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
 }
 
 
@@ -70,11 +71,12 @@ def hparams(args, task, t: int) -> common.HParams:
 
 
 def setup(args, device):
-    """Check the data, load CLIP and the tasks. Continual-FT adds nothing to CLIP: its state
-    between tasks is the weights alone."""
+    """Check the data, load CLIP and the tasks, and draw the held-out pairs of the alignment
+    metrics (measured on the untouched CLIP here: common.Alignment). Continual-FT adds nothing
+    to CLIP: its state between tasks is the weights alone."""
     common.check_data(args)
     model = common.setup_model(args, device)
-    return model, common.load_tasks(args, model), {}
+    return model, common.load_tasks(args, model), {"align": common.Alignment(model, args, device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +126,9 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
 
 
 def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
-    """The accuracy row after task t (t = -1: zero-shot): every dataset's zero-shot head."""
-    return common.evaluate_all(model, tasks, args, device, t), {}
+    """The accuracy row after task t (t = -1: zero-shot): every dataset's zero-shot head; the
+    alignment metrics on the held-out pairs (modality_gap, i2t_r1, t2i_r1; common.Alignment)."""
+    return common.evaluate_all(model, tasks, args, device, t), method["align"].info(model, t, args, device)
 
 
 def checkpoint(model: common.ClipView, method: dict) -> dict:

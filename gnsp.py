@@ -22,20 +22,24 @@ Idea:   Task 1 fine-tunes CLIP fully. After each task, one pass over its trainin
 Run:    python gnsp.py --benchmark toy                       # CPU, minutes
         python gnsp.py --order I --data-root ~/data          # MTIL (+ ImageNet train), GPU
         python gnsp.py --order II --ref-data none            # without CD / MAP (no ImageNet)
+        python gnsp.py --benchmark toy --project none        # ablation: no null-space projection
 
 Structure (the hooks of finetune.py; `diff finetune.py gnsp.py` shows the method):
   setup       checks the MTIL data and ImageNet, loads CLIP and the tasks, draws the reference
-              pairs and the held-out pairs, and from the untouched CLIP computes the teacher's
-              reference logits Z0 of every task it will train and the zero-shot alignment
-              metrics. `method` = {refs, Z0, held, held_zero_shot, n_tasks, M}; M (the
-              accumulated statistics) starts empty.
+              pairs, and from the untouched CLIP computes the teacher's reference logits Z0 of
+              every task it will train; the held-out pairs of the alignment metrics and their
+              zero-shot values as every script does (common.Alignment; on MTIL disjoint from the
+              reference pairs). `method` = {refs, Z0, align, n_tasks, M}; M (the accumulated
+              statistics) starts empty.
   train_task  builds the projectors P from M (task >= 2), trains the task, frees P.
   after_task  adds the task's statistics to M (not after the benchmark's last task).
   evaluate    the accuracy row, plus the alignment metrics on the held-out pairs.
   checkpoint  the weights and M (restore loads both; Z0 is recomputed by setup).
 summary.json, besides the matrix: per task "loss", "protected_dims" (protected input directions,
-all layers), "after_task_seconds", "modality_gap", "i2t_r1", "t2i_r1"; "zero_shot_info" = the
-alignment metrics of the untouched CLIP.
+all layers), "after_task_seconds", and, as in every script (--align-n, common.Alignment), the
+paper's alignment claims made measurable on held-out image-caption pairs: "modality_gap" (the
+distance between the mean image and mean caption feature), "i2t_r1", "t2i_r1" (image->text and
+text->image Recall@1, %); "zero_shot_info" = the same metrics of the untouched CLIP.
 
 Memory (ViT-B/16): the accumulated statistics M (25 matrices, 12*768^2 + 12*3072^2 + 768^2
 floats = 484 MB fp32) live on the CPU and in the checkpoint; only the latest M is kept. The 25
@@ -45,7 +49,8 @@ reference logits.
 
 Note: with AdamW, projecting the gradient (the code's default) does not keep the update in the
 null space, because Adam rescales every coordinate; `--project update` projects AdamW's update
-and keeps it there (tests/test_gnsp.py measures both).
+and keeps it there (tests/test_gnsp.py measures both). `--project none` switches the protection
+off (an ablation: no statistics, no projector; CD and MAP unchanged).
 
 Evaluation as the code (src/models/evaluation.py:evaluate, is_zero_shot): after task t the
 zero-shot head of every dataset trained before t uses templates[0] only, task t and the later
@@ -58,7 +63,7 @@ Deviations from the official code (each marked `# DEVIATION:` where it happens):
   * reference images from a sorted file list, CLIP's ImageNet class names (marked in data.py)
 Choices where paper and code are silent (`# CHOICE:`): reference seed = --seed + Order-I index
 (the code's 42 + index at the default seed); the toy reference sample and toy hyper-parameters;
-the held-out pairs of the alignment metrics and the metrics' definitions; float32 Gram
+the held-out pairs of the alignment metrics and the metrics' definitions (common.py); float32 Gram
 accumulation (as the code); class-prompt features computed once per task while the text tower
 is frozen, and task and reference images in one forward pass (both give the same values).
 The reference images and caption tokens are read once per task (`reference_batches`; the code
@@ -98,7 +103,7 @@ DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, sr
     "label_smoothing": (0.2, 0.2),                              # configs: label_smoothing
     "first_task": ("full", "full"),                             # run_mtil.py: gnsp only for i > 0, task 1 full
     "rho": (0.15, 0.15),                                        # configs: gnsp_rho
-    "project": ("gradient", "gradient"),                        # finetune_gnsp.py: the gradient is projected
+    "project": ("gradient", "gradient"),                        # finetune_gnsp.py: the gradient is projected; none: ablation
     "accumulation": ("gnsp", "gnsp"),                           # get_data_matrix.py
     "distill_weight": (1.0, 1.0),                               # configs: distill
     "temperature": (2.0, 2.0),                                  # src/args.py T
@@ -108,7 +113,7 @@ DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, sr
     "ref_batch_size": (None, None),                             # None: the task's batch size (finetune_gnsp.py)
     "gram_batch_size": (16, 16),                                # get_data_matrix.py: batch_size=16
     "gram_batches": (None, None),                               # None: the whole training split (get_data_matrix.py)
-    "align_n": (1000, 1000),                                    # CHOICE: held-out pairs of the alignment metrics
+    "align_n": (1000, 1000),                                    # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
     "amp": ("off", "off"),                                      # the code: fp32
     "eval_prompts": ("first-before", "first-before"),           # src/models/evaluation.py (common.eval_templates)
 }
@@ -120,8 +125,10 @@ def parse_args(argv=None):
     g.add_argument("--first-task", choices=["full", "restricted"],
                    help="task 1 trains every weight (code) or only the 25 protected ones, unprojected")
     g.add_argument("--rho", type=float, help="null space = eigen-directions holding < rho of the energy")
-    g.add_argument("--project", choices=["gradient", "update"],
-                   help="project the raw gradient before AdamW (code) or AdamW's update (Adam-NSCL; ablation)")
+    g.add_argument("--project", choices=["gradient", "update", "none"],
+                   help="project the raw gradient before AdamW (code) or AdamW's update (Adam-NSCL; ablation); "
+                        "none: the protection off (ablation): no statistics, no projector, the 25 weights train "
+                        "unprojected from task 2 on; CD and MAP unchanged")
     g.add_argument("--accumulation", choices=["gnsp", "sum"],
                    help="gnsp: sum for MLP layers, renormalise-then-add for visual.proj (code); sum: sum for all")
     g.add_argument("--label-smoothing", type=float)
@@ -134,7 +141,6 @@ def parse_args(argv=None):
     g.add_argument("--ref-batch-size", type=int, help="reference pairs per step (default: the task's batch size)")
     g.add_argument("--gram-batch-size", type=int)
     g.add_argument("--gram-batches", type=int, help="batches of the after-task pass (default: all)")
-    g.add_argument("--align-n", type=int, help="held-out pairs for modality gap / retrieval")
     g.add_argument("--warmup", type=int, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float)
     args = common.finalize_args(p.parse_args(argv), "gnsp", DEFAULTS)
@@ -142,7 +148,7 @@ def parse_args(argv=None):
         raise common.UserError(f"--rho must be in (0, 1], got {args.rho}")
     if not args.temperature > 0:
         raise common.UserError(f"--temperature must be > 0, got {args.temperature}")
-    for name in ("ref_n", "ref_batch_size", "gram_batch_size", "gram_batches", "align_n"):
+    for name in ("ref_n", "ref_batch_size", "gram_batch_size", "gram_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -258,31 +264,19 @@ def check_data(args) -> None:
         raise data.MissingDataError(missing)
 
 
-def reference_data(args, tasks: list, model: common.ClipView):
-    """(per-task reference pairs or None, held-out pairs for the alignment metrics or None)."""
+def reference_data(args, tasks: list, model: common.ClipView) -> list | None:
+    """Each task's reference pairs for CD and MAP, or None (--ref-data none)."""
+    if args.ref_data == "none":
+        return None
     if args.benchmark == "toy":
         # CHOICE: one fixed toy reference sample for every task (the toy world's pretraining
-        # distribution plays ImageNet's role); held-out pairs from the toy world's heldout split.
-        held = data.toy_reference(seed=0, n=args.align_n, split="heldout")
-        return (None if args.ref_data == "none" else [data.toy_reference(seed=0, n=args.ref_n, split="train")] * len(tasks)), held
+        # distribution plays ImageNet's role).
+        return [data.toy_reference(seed=0, n=args.ref_n, split="train")] * len(tasks)
     ev = data.clip_transforms(model.image_size)[1]
-    seed_held = args.seed + 1000   # CHOICE: not one of the training seeds (seed + 0..10)
-    if args.ref_data == "none":
-        if data.imagenet_missing(args.data_root):
-            print("note: no ImageNet train images: modality gap / retrieval are not reported", flush=True)
-            return None, None
-        return None, data.imagenet_reference(args.data_root, args.align_n, seed_held, ev)
     # helpers.py:prepare_ref_dataset: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
     # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42).
-    refs = [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
+    return [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
             for t in tasks]
-    # CHOICE: held-out pairs = ImageNet-train images of another seed minus every image of any
-    # task's reference sample (disjoint from what CD / MAP ever see).
-    seen = {f for r in refs for f in r.files}
-    cand = data.imagenet_reference(args.data_root, args.align_n + len(seen), seed_held, ev)
-    keep = [i for i, f in enumerate(cand.files) if f not in seen][:args.align_n]
-    held = data.ImageNetReference([cand.files[i] for i in keep], [cand.captions[i] for i in keep], ev)
-    return refs, held
 
 
 @torch.no_grad()
@@ -309,42 +303,23 @@ def reference_batches(model: common.ClipView, ref, batch_size: int, args, device
     return out
 
 
-@torch.no_grad()
-def alignment_metrics(model: common.ClipView, pairs, args, device) -> dict:
-    """The paper's alignment claims, made measurable on held-out image-caption pairs.
-    CHOICE: modality gap = ||mean_i u_i - mean_i v_i||_2 over the pairs (Liang et al. 2022),
-    normalised features; image->text Recall@1 over the distinct captions; text->image Recall@1
-    per distinct caption (a hit = the top image has that caption)."""
-    model.eval()
-    U, caps = [], []
-    for images, captions in common.make_loader(pairs, args.eval_batch_size, False, 0, args.workers, device=device):
-        U.append(model.encode_image(images.to(device), normalize=True))
-        caps += list(captions)
-    U = torch.cat(U)                                                # (N, e)
-    uniq = list(dict.fromkeys(caps))
-    idx = torch.tensor([uniq.index(c) for c in caps], device=device)  # (N,) caption id of each image
-    V = torch.cat([model.encode_texts(uniq[i:i + 256], device) for i in range(0, len(uniq), 256)])  # (C, e)
-    i2t = ((U @ V.T).argmax(1) == idx).float().mean()               # (N, C) -> (N,)
-    t2i = (idx[(V @ U.T).argmax(1)] == torch.arange(len(uniq), device=device)).float().mean()  # (C, N) -> (C,)
-    return {"modality_gap": round((U.mean(0) - V[idx].mean(0)).norm().item(), 4),
-            "i2t_r1": round(100 * i2t.item(), 2), "t2i_r1": round(100 * t2i.item(), 2)}
-
-
 def setup(args, device):
-    """Check the data, load CLIP and the tasks, draw the reference and held-out pairs, and
-    compute from the untouched CLIP (before any --resume state is loaded) the teacher's reference
-    logits of every task this run trains and the zero-shot alignment metrics."""
+    """Check the data, load CLIP and the tasks, draw the reference pairs, and compute from the
+    untouched CLIP (before any --resume state is loaded) the teacher's reference logits of every
+    task this run trains; the held-out pairs of the alignment metrics and their zero-shot values
+    as every script (common.Alignment), disjoint from the reference pairs on MTIL."""
     check_data(args)
     model = common.setup_model(args, device)
     tasks = common.load_tasks(args, model)
-    refs, held = reference_data(args, tasks, model)
+    refs = reference_data(args, tasks, model)
     if refs is None:
         print("reference data: none -> contrastive distillation and MAP are off (CE only)", flush=True)
     # the teacher is the original CLIP: its reference logits, for each task, before any training
     Z0 = [teacher_logits(model, refs[t], ref_batch_size(args, tasks[t], t), args, device)
           for t in range(common.n_train_tasks(args, tasks))] if refs else None
-    return model, tasks, {"refs": refs, "Z0": Z0, "held": held,
-                          "held_zero_shot": None if held is None else alignment_metrics(model, held, args, device),
+    # the reference images are never held out (MTIL; toy: another split)
+    seen = {f for r in refs for f in r.files} if refs and args.benchmark == "mtil" and args.align_n else None
+    return model, tasks, {"refs": refs, "Z0": Z0, "align": common.Alignment(model, args, device, exclude=seen),
                           "n_tasks": len(tasks), "M": {}}   # M: layer name -> accumulated statistics (d_in, d_in), CPU
 
 
@@ -418,7 +393,7 @@ def train_task(model: common.ClipView, method: dict, task, t: int, args, device)
     """Task t with the projectors of the statistics M of the earlier tasks (none for task 1)."""
     M = method["M"]
     P, k = None, {}
-    if t > 0 and M:   # projectors on the training device for this task only (freed on return)
+    if t > 0 and M and args.project != "none":   # projectors on the training device for this task only (freed on return)
         P, k = {}, {}
         for name, M_l in M.items():
             P[name], k[name] = null_space_projector(M_l.to(device), args.rho)
@@ -464,9 +439,10 @@ def accumulate_statistics(model: common.ClipView, task, t: int, args, device, M:
 
 
 def after_task(model: common.ClipView, method: dict, task, t: int, args, device) -> dict:
-    """Add task t's statistics to M, except after the benchmark's last task (nothing left to protect)."""
+    """Add task t's statistics to M, except after the benchmark's last task (nothing left to protect)
+    and with --project none (nothing is projected)."""
     t0 = time.time()
-    if t < method["n_tasks"] - 1:
+    if t < method["n_tasks"] - 1 and args.project != "none":
         accumulate_statistics(model, task, t, args, device, method["M"])
     return {"after_task_seconds": round(time.time() - t0, 2)}
 
@@ -478,18 +454,8 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
 
 def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
     """The accuracy row after task t (t = -1: zero-shot; the code's prompts, common.eval_templates),
-    and the alignment metrics on the held-out pairs (modality_gap, i2t_r1, t2i_r1) when there are
-    any; the zero-shot ones were measured by setup on the same untouched model."""
-    row = common.evaluate_all(model, tasks, args, device, t)
-    if method["held"] is None:
-        return row, {}
-    z = method["held_zero_shot"]
-    info = dict(z) if t < 0 else alignment_metrics(model, method["held"], args, device)
-    info["note"] = (f"held-out pairs: modality gap {info['modality_gap']:.3f}"
-                    + ("" if t < 0 else f" (zero-shot {z['modality_gap']:.3f})")
-                    + f"  R@1 image->text {info['i2t_r1']:.1f}" + ("" if t < 0 else f" ({z['i2t_r1']:.1f})")
-                    + f"  text->image {info['t2i_r1']:.1f}" + ("" if t < 0 else f" ({z['t2i_r1']:.1f})"))
-    return row, info
+    and the alignment metrics on the held-out pairs (modality_gap, i2t_r1, t2i_r1; common.Alignment)."""
+    return common.evaluate_all(model, tasks, args, device, t), method["align"].info(model, t, args, device)
 
 
 def checkpoint(model: common.ClipView, method: dict) -> dict:

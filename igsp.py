@@ -129,6 +129,7 @@ DEFAULTS = {
     # -- precision and prompts (src/models/evaluation.py)
     "amp": ("off", "off"),                      # fp32 training and evaluation
     "eval_prompts": ("ensemble", "ensemble"),   # the template ensemble for every dataset
+    "align_n": (1000, 1000),                    # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
 }
 
 
@@ -144,7 +145,9 @@ def parse_args(argv=None):
     g.add_argument("--adapter-dropout", type=float)
     g.add_argument("--top-k", type=int, help="experts mixed per sample")
     g.add_argument("--experts", type=int, help="moe-adapters: fixed pool per block and encoder")
-    g.add_argument("--freeze-per-task", type=int, help="moe-adapters: most used experts frozen per task")
+    g.add_argument("--freeze-per-task", type=int,
+                   help="moe-adapters: most used experts frozen per task; 0 = none (ablation: every expert "
+                        "keeps training in later tasks)")
     g.add_argument("--candidates", type=int, help="igsp (RECONSTRUCTED): M candidates per block and encoder")
     g.add_argument("--lambda-s", type=float, help="igsp (RECONSTRUCTED): weight of Omega_sub in Phase 1")
     g.add_argument("--lambda-o", type=float, help="igsp (RECONSTRUCTED): weight of Omega_orth in Phase 2")
@@ -172,6 +175,8 @@ def parse_args(argv=None):
     for name in ("bottleneck", "top_k", "experts", "candidates", "selector_hidden", "selector_samples"):
         if getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.freeze_per_task < 0:
+        raise common.UserError(f"--freeze-per-task must be >= 0, got {args.freeze_per_task}")
     if not 0 <= args.t1_min <= args.t1_max <= 1:
         raise common.UserError("need 0 <= --t1-min <= --t1-max <= 1")
     return args
@@ -463,12 +468,37 @@ def clip_features(model, moes: dict[str, MoEMLP], ds, args, device) -> torch.Ten
 
 
 @torch.no_grad()
+def route_images(model, moes: dict[str, MoEMLP], selector: TaskSelector, images: torch.Tensor, args,
+                 target: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task-free inference of one batch: the selector picks a task router per image (or the
+    untouched CLIP, -1) from CLIP's own feature, and each image is encoded under its router.
+    `target`: route every image there instead (the oracle). Returns the normalised features
+    (N, e) and the route of each image (N,); leaves the route at CLIP."""
+    set_route(moes, None)
+    # (N, e) untouched CLIP: the selector's input, and the features of CLIP's own choice
+    f0 = model.encode_image(images, normalize=True) if target is None or target < 0 else None
+    choice = (torch.full((len(images),), target, dtype=torch.long, device=images.device) if target is not None
+              else selector.select(f0.float(), args.select_per == "batch"))  # (N,)
+    rows, feats = [], []
+    for s in choice.unique().tolist():
+        r = (choice == s).nonzero().squeeze(1)
+        set_route(moes, None if s < 0 else s)
+        rows.append(r)
+        feats.append(f0[r] if s < 0 else model.encode_image(images[r], normalize=True))  # (n_s, e)
+    set_route(moes, None)
+    f = feats[0].new_empty(len(images), feats[0].shape[1])
+    f[torch.cat(rows)] = torch.cat(feats)
+    return f, choice
+
+
+@torch.no_grad()
 def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, tasks: list, t: int, args, device,
                        oracle: bool = False) -> tuple[list[float], list[float]]:
     """One row of the accuracy matrix with task-free routing: each test image gets the selector's
     task router (or CLIP), that router's image feature and that router's text head for the
-    dataset's classes. Also, per dataset, the selector's accuracy (%): a seen dataset d <= t
-    should get router d, an unseen one the untouched CLIP. `oracle`: use exactly that choice."""
+    dataset's classes (route_images). Also, per dataset, the selector's accuracy (%): a seen
+    dataset d <= t should get router d, an unseen one the untouched CLIP. `oracle`: use exactly
+    that choice."""
     model.eval()
     row, sel_row = [], []
     with torch.inference_mode(), common.autocast(device, args.amp):
@@ -479,19 +509,14 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
             for images, labels in common.make_loader(task.test, args.eval_batch_size, shuffle=False, seed=0,
                                                      workers=args.workers, device=device):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                set_route(moes, None)
-                # (N, e) untouched CLIP: the selector's input, and the features of CLIP's own choice
-                f0 = model.encode_image(images, normalize=True) if not oracle or target < 0 else None
-                choice = (torch.full_like(labels, target) if oracle
-                          else selector.select(f0.float(), args.select_per == "batch"))  # (N,)
+                f, choice = route_images(model, moes, selector, images, args, target if oracle else None)  # (N, e), (N,)
                 pred = torch.empty_like(labels)
                 for s in choice.unique().tolist():
                     rows = (choice == s).nonzero().squeeze(1)
-                    set_route(moes, None if s < 0 else s)
                     if s not in heads:
+                        set_route(moes, None if s < 0 else s)
                         heads[s] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
-                    f = f0[rows] if s < 0 else model.encode_image(images[rows], normalize=True)
-                    pred[rows] = (f @ heads[s].to(f.dtype)).argmax(-1)
+                    pred[rows] = (f[rows] @ heads[s].to(f.dtype)).argmax(-1)
                 correct += (pred == labels).sum().item()
                 hit += (choice == target).sum().item()
                 n += len(labels)
@@ -499,6 +524,27 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
             sel_row.append(100.0 * hit / max(n, 1))
     set_route(moes, None)
     return row, sel_row
+
+
+def alignment_info(model, method: dict, t: int, args, device) -> dict:
+    """The alignment metrics on the held-out pairs (common.Alignment) after task t.
+    CHOICE: the deployed model's route, as evaluate_task_free: each held-out image goes where the
+    selector sends it (a task router or CLIP), its caption is scored under that image's router
+    (the MoE sits in the text tower too), so the metrics are those of the model that is evaluated."""
+    moes, selector = method["moes"], method["selector"]
+    if t < 0 or not selector.aes:                                   # no task yet: the untouched CLIP
+        set_route(moes, None)
+        return method["align"].info(model, t, args, device)
+
+    def encode_texts(captions: list[str], s: int) -> torch.Tensor:  # (C, e) under router s (CLIP for -1)
+        set_route(moes, None if s < 0 else s)
+        return model.encode_texts(captions, device)
+
+    try:
+        return method["align"].info(model, t, args, device,
+                                    lambda x: route_images(model, moes, selector, x, args), encode_texts)
+    finally:
+        set_route(moes, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,13 +588,16 @@ def init_method(model: common.ClipView, args, n_tasks: int) -> dict:
 
 
 def setup(args, device):
-    """Check the data, load CLIP and the tasks, attach the MoE and the task selector."""
+    """Check the data, load CLIP and the tasks, attach the MoE and the task selector; the held-out
+    pairs of the alignment metrics with the untouched CLIP's values (common.Alignment)."""
     common.check_data(args)
     model = common.setup_model(args, device)
     # MoE-Adapters: few-shot images transformed once and kept. DEVIATION: the subset is the code's
     # rule (first K per class of a shuffled pass) drawn from --seed, not from the code's RNG state.
     tasks = common.load_tasks(args, model, few_shot_once=True)
-    return model, tasks, init_method(model, args, len(tasks))
+    method = init_method(model, args, len(tasks))
+    method["align"] = common.Alignment(model, args, device)          # route None: the untouched CLIP
+    return model, tasks, method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,11 +742,11 @@ def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, de
     """t = -1: the zero-shot row of the untouched CLIP (no route). t >= 0: the task-free row (each
     test image routed by the selector), the selector's accuracy on seen datasets and its CLIP
     fallback rate on unseen ones, with --oracle-eval the row with the true task identity
-    (acc_oracle), and the task's note."""
+    (acc_oracle), the alignment metrics on the held-out pairs (alignment_info), and the task's note."""
     moes, selector = method["moes"], method["selector"]
     if t < 0:
         set_route(moes, None)
-        return common.evaluate_all(model, tasks, args, device, t), {}
+        return common.evaluate_all(model, tasks, args, device, t), alignment_info(model, method, t, args, device)
     row, sel = evaluate_task_free(model, moes, selector, tasks, t, args, device)
     info = {"selector_acc_seen": _mean(sel[:t + 1]), "selector_fallback_unseen": _mean(sel[t + 1:])}
     if args.oracle_eval:
@@ -705,9 +754,11 @@ def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, de
     r = method["report"]
     what = (f"T1 {r['T1']}  kept {r['candidates_kept']}/{r['candidates']}" if args.variant == "igsp"
             else f"frozen {r['frozen_experts']}/{args.experts * len(moes)}")
+    align = alignment_info(model, method, t, args, device)
     info["note"] = (f"{what}  trainable {r['trainable']:,}  total {r['total_params']:,}  "
-                    f"selector {info['selector_acc_seen']}/{info['selector_fallback_unseen']}")
-    return row, info
+                    f"selector {info['selector_acc_seen']}/{info['selector_fallback_unseen']}"
+                    + (f"\n    {align.pop('note')}" if align else ""))
+    return row, {**info, **align}
 
 
 def moe_state(moes: dict[str, MoEMLP]) -> dict:

@@ -59,6 +59,7 @@ CHOICES (marked): exact SVD in float64 instead of the randomized `svd_lowrank` (
 Run:    python keeplora.py --benchmark toy                        # KeepLoRA++ on CPU, minutes
         python keeplora.py --benchmark toy --variant keeplora     # KeepLoRA (v1)
         python keeplora.py --order I --data-root ~/data           # MTIL, GPU
+        python keeplora.py --benchmark toy --protect off          # ablation: A ignores M'
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ DEFAULTS = {
                                       # KeepLoRAHelper.accumulate_features_for_task
     "amp": ("fp16", "fp16"),        # configs: prec "amp" (fp16 autocast); CPU runs stay fp32
     "eval_prompts": ("first", "first"),  # templates[0] for every head (@a17f9c2:MTIL/main.py:run_exp)
+    "align_n": (1000, 1000),        # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
+    "protect": ("on", "on"),        # A orthogonal to M' (the method); off: an ablation, not in the code
 }
 # per --variant: B0 and the layer scale's gamma. keeplora++: B0 = 0
 # (@7abf7ec:MTIL/trainer/trainer.py:Trainer.init_keeplora_with_grad: lora_B.data.zero_()) and
@@ -146,6 +149,10 @@ def parse_args(argv=None):
                    help="cap on batches of the gradient estimate (default: all, as the code)")
     g.add_argument("--feature-batches", type=int,
                    help="cap on batches of the feature pass (default: all, as the code)")
+    g.add_argument("--protect", choices=["on", "off"],
+                   help="on: A from the residual gradient (I - M'M'^T) G, orthogonal to M' = W_p (the pretrained "
+                        "principal subspace) + the earlier tasks' features (the method); off (ablation): A from "
+                        "the raw gradient G, so nothing is protected (M' is still kept and reported)")
     args = p.parse_args(argv)
     args = common.finalize_args(args, args.variant, DEFAULTS)
     for name, value in VARIANT_DEFAULTS[args.variant].items():
@@ -420,7 +427,8 @@ def setup(args, device):
     """Check the data, load CLIP, wrap q, k, v, out in KeepLoRA branches, load the tasks (eval
     transform for training: the code does not augment) with KeepLoRA's template lists on MTIL.
     The method's state: the LoRA modules and M' per module, which starts as W_p of the untouched
-    weights (a resumed run replaces both W and M' in restore)."""
+    weights (a resumed run replaces both W and M' in restore); the held-out pairs of the alignment
+    metrics with the untouched CLIP's values (common.Alignment)."""
     common.check_data(args)
     model = common.setup_model(args, device)
     lora = add_keeplora(model, args)
@@ -430,7 +438,7 @@ def setup(args, device):
             task.templates = list(data.KEEPLORA_TEMPLATES.get(task.name, task.templates))
     M = {n: principal_subspace(m.base.weight, args.eps_w_vision if n.startswith("visual.") else args.eps_w_text,
                                args.principal_side) for n, m in lora.items()}  # M'_0 = W_p, before task 1
-    return model, tasks, {"lora": lora, "M": M}
+    return model, tasks, {"lora": lora, "M": M, "align": common.Alignment(model, args, device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +461,9 @@ def init_task(model, lora, M, task, t: int, args, device) -> dict:
     kept = []
     with torch.no_grad():
         for name, m in lora.items():
-            A, B0, k = residual_A(G[name], M[name], args.rank)             # (d_in, r), (r, d_out)
+            # --protect off (ablation): an empty M' (d_in, 0), so A = top-r directions of G itself
+            M_t = M[name] if args.protect == "on" else M[name][:, :0]
+            A, B0, k = residual_A(G[name], M_t, args.rank)                 # (d_in, r), (r, d_out)
             kept.append(k)
             m.A.copy_(A.T)                                                  # A^T: (r, d_in)
             if args.b_init == "svd":                                        # KeepLoRA (v1): B0 = S_r V_r^T and
@@ -538,8 +548,10 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
 def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
     """The accuracy row after task t (t = -1: zero-shot): every dataset's zero-shot head, on the
     merged weights (the LoRA is zero between tasks), templates[0] and fp16 autocast as the code
-    (@a17f9c2:MTIL/trainer/trainer.py:Trainer.evaluate_one)."""
-    return common.evaluate_all(model, tasks, args, device, t), {}
+    (@a17f9c2:MTIL/trainer/trainer.py:Trainer.evaluate_one); the alignment metrics on the
+    held-out pairs (common.Alignment), through the same plain encoders: the task's LoRA is
+    merged into W and zero by now."""
+    return common.evaluate_all(model, tasks, args, device, t), method["align"].info(model, t, args, device)
 
 
 def checkpoint(model: common.ClipView, method: dict) -> dict:

@@ -88,6 +88,7 @@ DEFAULTS = {
     "template": ("random", "random"),        # mtil/src/datasets/collections.py:ClassificationDataset.template
     "amp": ("off", "off"),                   # mtil/src/models/alora.py:alora: fp32 training and evaluation
     "eval_prompts": ("ensemble", "ensemble"),  # mtil/src/models/evaluation.py:zeroshot_classifier: every template
+    "align_n": (1000, 1000),                 # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
 }
 
 
@@ -361,13 +362,15 @@ def merge_pools(model: common.ClipView, pools: dict[str, RankOnePool], args) -> 
 def setup(args, device):
     """Check the data, load CLIP and the tasks. The state between tasks is the list of finished
     tasks' experts ({"experts": [E_1, E_2, ...]}, E = name -> A, B, counts): their merges are
-    in the weights, their B columns are the AGO reference. The pools themselves are drawn in
+    in the weights, their B columns are the AGO reference; and the held-out pairs of the alignment
+    metrics with the untouched CLIP's values (common.Alignment). The pools themselves are drawn in
     train_task, after Run.begin_task seeded (seed, t)."""
     common.check_data(args)
     model = common.setup_model(args, device)
     # the code: few-shot images transformed once and kept. DEVIATION: the subset is the code's rule
     # (first K per class of a shuffled pass) drawn from --seed, not from the code's torch RNG state.
-    return model, common.load_tasks(args, model, few_shot_once=True), {"experts": []}
+    return model, common.load_tasks(args, model, few_shot_once=True), {"experts": [],
+                                                                       "align": common.Alignment(model, args, device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,8 +413,9 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
 
 def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, device) -> tuple[list[float], dict]:
     """The accuracy row after task t (t = -1: zero-shot): plain CLIP with the merged weights, every
-    dataset's zero-shot head (no router, no task id)."""
-    return common.evaluate_all(model, tasks, args, device, t), {}
+    dataset's zero-shot head (no router, no task id); the alignment metrics on the held-out pairs
+    (common.Alignment) through the same plain encoders (after_task unwrapped the pools)."""
+    return common.evaluate_all(model, tasks, args, device, t), method["align"].info(model, t, args, device)
 
 
 def checkpoint(model: common.ClipView, method: dict) -> dict:

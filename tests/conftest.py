@@ -41,6 +41,29 @@ def toy_weights(cache_env, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def alignment_recorded(toy_weights):
+    """For end-to-end toy runs: (the flags to add, a check of their summary.json). The check: the
+    alignment metrics (modality_gap, i2t_r1, t2i_r1) after every finished task, and in
+    "zero_shot_info" those of the untouched toy CLIP on the same held-out pairs, computed here
+    independently of the script (the same pairs and the same model in every script)."""
+    import common
+    import data
+    n = 100
+    model = common.load_clip(common.TOY_MODEL, str(toy_weights), "cpu")
+    args = SimpleNamespace(eval_batch_size=128, workers=0, amp="off")
+    zero_shot = common.alignment_metrics(model, data.toy_reference(seed=0, n=n, split="heldout"), args,
+                                         torch.device("cpu"))
+
+    def check(s: dict) -> None:
+        for key in ("modality_gap", "i2t_r1", "t2i_r1"):
+            assert len(s[key]) == len(s["acc_matrix"]), f"{key}: one value per finished task"
+            assert all(0 <= v <= (2 if key == "modality_gap" else 100) for v in s[key]), key
+            assert s["zero_shot_info"][key] == pytest.approx(zero_shot[key], abs=1e-3), f"zero-shot {key}"
+
+    return ["--align-n", str(n)], check
+
+
 @pytest.fixture()
 def adamw_spy(monkeypatch):
     """Replace torch.optim.AdamW by a subclass that records, at every step(), each group's lr and

@@ -340,13 +340,15 @@ def test_pruning_uses_window_statistics(monkeypatch):
     assert info["candidates_kept"] == sum(len(m.experts) - m.n_hist for m in moes.values())
 
 
-@pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
-def test_reported_loss_composition(monkeypatch, variant):
+@pytest.mark.parametrize("variant,lambdas", [("igsp", (0.5, 0.25)), ("igsp", (0, 0)), ("moe-adapters", (0.5, 0.25))])
+def test_reported_loss_composition(monkeypatch, variant, lambdas):
     """Per step: Phase 1 = CE + lambda_s Omega_sub, Phase 2 = CE + lambda_o Omega_orth (igsp);
-    CE only (moe-adapters). The penalties are replaced by constants, CE is recorded."""
+    CE only (moe-adapters, and igsp with --lambda-s 0 --lambda-o 0: the subspace terms off). The
+    penalties are replaced by constants, CE is recorded."""
     model = _clip()
+    l_s, l_o = lambdas
     args = _args("--variant", variant, "--experts", "4", "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0",
-                 "--lambda-s", "0.5", "--lambda-o", "0.25")
+                 "--lambda-s", str(l_s), "--lambda-o", str(l_o))
     method = igsp.init_method(model, args, 1)
     moes = method["moes"]
     ce, total, real_loss = [], [], igsp._loss
@@ -365,7 +367,7 @@ def test_reported_loss_composition(monkeypatch, variant):
     info = igsp.train_task(model, method, _task("A", 1), 0, args, CPU)
     assert len(ce) == 6
     if variant == "igsp":
-        want = [c + (0.5 * 2.0 if s < 3 else 0.25 * 8.0) for s, c in enumerate(ce)]
+        want = [c + (l_s * 2.0 if s < 3 else l_o * 8.0) for s, c in enumerate(ce)]
     else:
         want = list(ce)
     assert total == pytest.approx(want, rel=1e-5), f"{variant}: per-step loss {total} != {want} (CE {ce})"
@@ -493,6 +495,40 @@ def test_moe_adapters_freezes_most_used_experts_counted_independently(monkeypatc
                 assert same, f"{name}: expert {j}, frozen after task 0, changed during task 1"
             trained |= not same
     assert trained, "the unfrozen experts must keep training on task 1"
+
+
+@pytest.mark.parametrize("freeze", [0, 4])
+def test_moe_adapters_freeze_per_task_0_freezes_nothing_and_old_outputs_move(freeze):
+    """--freeze-per-task 0 (the ablation) is accepted and freezes no expert, so task 2's real AdamW
+    steps move the shared experts and task 1's image and text features under its own (frozen)
+    router change; freezing every expert (4 of 4) keeps them bit-identical. A negative count is
+    a one-line user error."""
+    model = _clip()
+    args = _args("--variant", "moe-adapters", "--experts", "4", "--freeze-per-task", str(freeze), "--lr", "0.05")
+    tasks = [_task("A", 1), _task("B", 2)]
+    method = igsp.init_method(model, args, 2)
+    moes = method["moes"]
+    common.seed_all(0)
+    igsp.train_task(model, method, tasks[0], 0, args, CPU)
+    more = igsp.after_task(model, method, tasks[0], 0, args, CPU)
+    assert more["frozen_experts"] == freeze * len(moes)
+    stored = tasks[0].test.tensors[0][:8]                                 # task 1's inputs
+    tokens = model.tokenize(["a thing0.", "a thing2."])
+    igsp.set_route(moes, 0)
+    with torch.no_grad():
+        ref_i, ref_t = model.encode_image(stored), model.encode_text(tokens)
+    common.seed_all(1)
+    igsp.train_task(model, method, tasks[1], 1, args, CPU)
+    igsp.set_route(moes, 0)
+    with torch.no_grad():
+        img, txt = model.encode_image(stored), model.encode_text(tokens)
+    if freeze == 4:
+        assert torch.equal(img, ref_i) and torch.equal(txt, ref_t), "every expert frozen: task 1's outputs exact"
+    else:
+        moved = max((img - ref_i).abs().max().item(), (txt - ref_t).abs().max().item())
+        assert moved > 1e-4, f"nothing frozen: task 1's outputs should move ({moved:.2e})"
+    with pytest.raises(common.UserError, match="--freeze-per-task"):
+        _args("--variant", "moe-adapters", "--freeze-per-task", "-1")
 
 
 def test_igsp_pool_grows_by_survivors_and_history_frozen():
@@ -651,6 +687,59 @@ def test_task_free_evaluation_routes_each_image(monkeypatch):
     row, _ = igsp.evaluate_task_free(model, moes, stub, oracle, 1, args, CPU, oracle=True)
     assert row == [100.0] * 3, f"oracle: seen dataset d must use router d, unseen ones CLIP (accuracies {row})"
     assert blk.route is None, "evaluation must leave the route at CLIP"
+
+
+def test_alignment_metrics_follow_the_selector_route_of_each_image():
+    """After a task the held-out alignment metrics are the deployed model's (igsp.alignment_info):
+    each held-out image is encoded under the router the selector picks for it (or CLIP), and
+    scored against, and paired with, the captions encoded under that same router (the MoE sits
+    in the text tower too); the route is left at CLIP. A stub selector fixes the choices; the
+    expected values are written out here."""
+    model = _clip()
+    args = _args("--align-n", "12", "--eval-batch-size", "5", "--lr", "0.05")
+    tasks = [_task("A", 1), _task("B", 2)]
+    method = igsp.init_method(model, args, 2)
+    method["align"] = common.Alignment(model, args, CPU)                # as igsp.setup: toy held-out pairs
+    for t, task in enumerate(tasks):
+        common.seed_all(t)
+        igsp.train_task(model, method, task, t, args, CPU)
+        igsp.after_task(model, method, task, t, args, CPU)
+    pick = torch.tensor([0, -1, 1, 1, -1, 0, 0, 1, -1, 1, 0, 0])            # the selector's choice per image
+
+    class Stub:
+        aes, i = [None, None], 0
+
+        def select(self, f, per_batch=False):
+            out = pick[self.i:self.i + len(f)]
+            self.i += len(f)
+            return out
+
+    method["selector"] = Stub()
+    moes = method["moes"]
+    got = igsp.alignment_info(model, method, 1, args, CPU)
+    assert all(m.route is None for m in moes.values()), "the route must be left at CLIP"
+    pairs = method["align"].pairs
+    x, caps = torch.stack([pairs[i][0] for i in range(12)]), [pairs[i][1] for i in range(12)]
+    uniq = list(dict.fromkeys(caps))
+    idx = [uniq.index(c) for c in caps]
+    V, U = {}, []
+    with torch.no_grad():
+        for r in (-1, 0, 1):
+            igsp.set_route(moes, None if r < 0 else r)
+            V[r] = F.normalize(model.encode_text(model.tokenize(uniq)), dim=-1)            # (C, e) under router r
+        for i in range(12):
+            igsp.set_route(moes, None if pick[i] < 0 else int(pick[i]))
+            U.append(F.normalize(model.encode_image(x[i:i + 1]), dim=-1)[0])              # (e,) under its router
+    igsp.set_route(moes, None)
+    S = torch.stack([V[int(pick[i])] @ U[i] for i in range(12)])                           # (N, C)
+    gap = (torch.stack(U).mean(0) - torch.stack([V[int(pick[i])][idx[i]] for i in range(12)]).mean(0)).norm()
+    i2t = 100 * sum(int(S[i].argmax()) == idx[i] for i in range(12)) / 12
+    t2i = 100 * sum(idx[int(S[:, c].argmax())] == c for c in range(len(uniq))) / len(uniq)
+    assert got["modality_gap"] == pytest.approx(gap.item(), abs=1e-4)
+    assert got["i2t_r1"] == pytest.approx(i2t, abs=0.01) and got["t2i_r1"] == pytest.approx(t2i, abs=0.01)
+    plain = common.alignment_metrics(model, pairs, args, CPU)                              # every image via CLIP
+    assert plain["modality_gap"] != got["modality_gap"], "the routing should matter after training"
+    assert "held-out pairs" in got["note"]
 
 
 # ---- the published defaults ----

@@ -46,10 +46,11 @@ def test_bad_flag_value_exits_2(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--iterations" in r.stderr
 
 
-def test_toy_end_to_end_run_folder(tmp_path, toy_weights):
+def test_toy_end_to_end_run_folder(tmp_path, toy_weights, alignment_recorded):
     out = tmp_path / "run"
+    align, check_alignment = alignment_recorded
     r = run("--benchmark", "toy", "--pretrained", toy_weights, "--iterations", "3", "--max-tasks", "2",
-            "--out", out, "--no-progress")
+            "--out", out, "--no-progress", *align)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     for key in ["method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer",
@@ -58,12 +59,14 @@ def test_toy_end_to_end_run_folder(tmp_path, toy_weights):
     assert s["method"] == "finetune" and s["benchmark"] == "toy"
     assert len(s["acc_matrix"]) == 2 and len(s["acc_matrix"][0]) == len(s["datasets"]) == len(s["zero_shot"])
     assert s["trainable_params"] > 0
+    check_alignment(s)                   # modality gap / Recall@1 after every task and at zero-shot
+    assert "held-out pairs: modality gap" in r.stdout
     assert (out / "acc_matrix.png").is_file() and (out / "config.json").is_file()
     assert len((out / "acc_matrix.csv").read_text().splitlines()) == 3
     assert "Transfer" in r.stdout
     # the same run again (same seed, same machine) -> identical summary (but wall-clock seconds)
     r2 = run("--benchmark", "toy", "--pretrained", toy_weights, "--iterations", "3", "--max-tasks", "2",
-             "--out", tmp_path / "run2", "--no-progress")
+             "--out", tmp_path / "run2", "--no-progress", *align)
     assert r2.returncode == 0 and summary(out) == summary(tmp_path / "run2")
     # a second run into the same folder without --resume is refused
     r3 = run("--benchmark", "toy", "--pretrained", toy_weights, "--out", out)

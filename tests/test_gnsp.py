@@ -298,6 +298,34 @@ def test_adamw_on_projected_gradients_is_not_exact(small_clip):
     assert 1e-4 < max(rel) < 0.5
 
 
+def test_project_none_switches_the_protection_off(small_clip):
+    """--project none (the ablation): train_task builds no projector and after_task gathers no
+    statistics, so task 2's AdamW steps (CE, the 25 protected weights, the same batches) move the
+    protected layers' outputs on task 1's stored inputs; with --project update (exact) the same
+    steps leave them in place, and the default (--project gradient) moves them far less. Measured
+    (largest relative change ||X dW^T|| / (||X|| ||dW||) over the layers): update 3e-7, gradient
+    0.05, none 0.53."""
+    import copy
+    A, B = fake_task(1, 0), fake_task(8, 7, "B")
+    M = {}
+    gnsp.accumulate_statistics(small_clip, A, 0, toy_args(), CPU, M)    # task 1's statistics (one image)
+    X = stored_inputs(small_clip, A.train.x)
+    moved = {}
+    for mode in ("update", "gradient", "none"):
+        model = copy.deepcopy(small_clip)
+        args = toy_args("--iterations", "3", "--batch-size", "4", "--lr", "1e-3", "--rho", "1e-6", "--project", mode)
+        method = {"M": {n: m.clone() for n, m in M.items()}, "refs": None, "Z0": None, "n_tasks": 3}
+        W0 = {n: lin.weight.detach().clone() for n, lin in gnsp.protected_layers(model).items()}
+        common.seed_all(1)
+        info = gnsp.train_task(model, method, B, 1, args, CPU)
+        assert (info["protected_dims"] == 0) == (mode == "none")
+        moved[mode] = max(c / (X[n].norm() * dW.norm()) for n, (c, dW) in output_change(model, W0, X).items())
+        gnsp.after_task(model, method, B, 1, args, CPU)
+        unchanged = all(torch.equal(method["M"][n], M[n]) for n in M)
+        assert unchanged == (mode == "none"), f"--project {mode}: statistics after task 2"
+    assert moved["update"] < 1e-5 and moved["gradient"] < moved["none"] / 2 and moved["none"] > 0.1, moved
+
+
 # ---- the command line -------------------------------------------------------------------------
 
 
@@ -321,14 +349,16 @@ def test_mtil_reference_data_seeds_and_disjoint_heldout(tmp_path):
     args = gnsp.parse_args(["--order", "II", "--data-root", str(tmp_path), "--ref-n", "4", "--align-n", "30",
                             "--out", "/nonexistent"])
     tasks = [SimpleNamespace(name=n) for n in data.MTIL_ORDERS["II"]]
-    refs, held = gnsp.reference_data(args, tasks, SimpleNamespace(image_size=32))
+    refs = gnsp.reference_data(args, tasks, SimpleNamespace(image_size=32))
     for task, ref in zip(tasks, refs):
         assert ref.files == data.imagenet_reference(tmp_path, 4, 42 + data.MTIL_ORDERS["I"].index(task.name)).files
     seen = {f for r in refs for f in r.files}
+    held = common.alignment_pairs(args, SimpleNamespace(image_size=32), exclude=seen)  # what gnsp.setup passes
     assert len(held) == 30 and not seen & set(held.files) and len(set(held.files)) == 30
     assert all(c.startswith("a photo of a") for c in held.captions)
     args = gnsp.parse_args(["--data-root", str(tmp_path / "none"), "--ref-data", "none", "--out", "/nonexistent"])
-    assert gnsp.reference_data(args, tasks, SimpleNamespace(image_size=32)) == (None, None)
+    assert gnsp.reference_data(args, tasks, SimpleNamespace(image_size=32)) is None
+    assert common.alignment_pairs(args, SimpleNamespace(image_size=32)) is None
 
 
 def test_fake_mtil_end_to_end(tmp_path, toy_weights):
@@ -358,9 +388,10 @@ def summary(path):
     return s
 
 
-def test_toy_end_to_end_and_resume(tmp_path, toy_weights):
+def test_toy_end_to_end_and_resume(tmp_path, toy_weights, alignment_recorded):
+    align, check_alignment = alignment_recorded
     base = ["--benchmark", "toy", "--pretrained", toy_weights, "--iterations", "3", "--gram-batches", "4",
-            "--align-n", "200", "--ref-n", "128", "--no-progress"]
+            *align, "--ref-n", "128", "--no-progress"]
     r = run(*base, "--max-tasks", "2", "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -371,6 +402,7 @@ def test_toy_end_to_end_and_resume(tmp_path, toy_weights):
     assert s["method"] == "gnsp" and len(s["acc_matrix"]) == 2 == len(s["modality_gap"]) == len(s["i2t_r1"])
     assert s["protected_dims"][0] == 0 < s["protected_dims"][1]
     assert set(s["zero_shot_info"]) == {"modality_gap", "i2t_r1", "t2i_r1"}   # the untouched CLIP's alignment
+    check_alignment(s)                                                          # as every script's
     assert len(s["loss"]) == 2 and all(v > 0 for v in s["loss"])
     assert "modality gap" in r.stdout and "Transfer" in r.stdout and "protected input directions" in r.stdout
     # interrupted after task 1, resumed: the same matrix and alignment values

@@ -143,8 +143,12 @@ def _same(moes, snap, t):
                and torch.equal(m.W_g[t], snap[n][1]) and torch.equal(m.W_noise[t], snap[n][2]) for n, m in moes.items())
 
 
-def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch):
-    args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0")
+@pytest.mark.parametrize("terms", [(), ("--lambda-s", "0", "--lambda-o", "0")])
+def test_igsp_history_bit_identical_and_old_outputs_exact(tiny_clip, monkeypatch, terms):
+    """After a real task 2 (both phases) the frozen history and task 1's router are bit-identical,
+    and task 1's outputs under its router exact. Also with the subspace terms off (--lambda-s 0
+    --lambda-o 0): what protects earlier tasks here is the frozen history, not those terms."""
+    args = _args("--iterations", "10", "--t1-min", "0.3", "--t1-max", "0.3", "--prune-tau", "0", *terms)
     tasks = [_task("A", 1), _task("B", 2)]
     method = igsp.init_method(tiny_clip, args, len(tasks))
     moes = method["moes"]
@@ -241,11 +245,13 @@ def test_selector_picks_task_on_separable_features_and_falls_back_on_unseen():
 # ---- command line: toy run, summary, resume ----
 
 @pytest.mark.skipif(not hasattr(data, "toy_tasks"), reason="toy benchmark not in data.py yet")
-def test_cli_toy_and_resume(toy_weights, tmp_path):
+def test_cli_toy_and_resume(toy_weights, tmp_path, alignment_recorded):
+    align, check_alignment = alignment_recorded
+
     def cli(out, *extra):
         r = subprocess.run([sys.executable, "igsp.py", "--benchmark", "toy", "--pretrained", str(toy_weights),
                             "--iterations", "3", "--out", str(tmp_path / out), "--no-progress",
-                            "--selector-samples", "64", "--selector-steps", "10", *extra],
+                            "--selector-samples", "64", "--selector-steps", "10", *align, *extra],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads((tmp_path / out / "summary.json").read_text())
@@ -256,10 +262,12 @@ def test_cli_toy_and_resume(toy_weights, tmp_path):
               "total_params", "selector_acc_seen", "selector_fallback_unseen"):
         assert k in s, k
     assert s["method"] == "igsp" and len(s["acc_matrix"]) == 2 and len(s["T1"]) == 2
+    check_alignment(s)                       # after every task (selector-routed) and at zero-shot
     assert (tmp_path / "a" / "acc_matrix.csv").is_file() and (tmp_path / "a" / "acc_matrix.png").is_file()
     cli("b", "--max-tasks", "1")
     r = cli("b", "--max-tasks", "2", "--resume")
     assert r["acc_matrix"] == s["acc_matrix"] and r["total_params"] == s["total_params"]
+    assert r["modality_gap"] == s["modality_gap"] and r["zero_shot_info"] == s["zero_shot_info"]
 
 
 def test_reconstruction_weights_default_per_benchmark_and_flags_win():
@@ -295,13 +303,16 @@ def test_every_method_flag_defaults_from_the_table():
 def test_reported_trainable_count_and_note(tiny_clip, variant):
     """after_task returns the reported count (igsp: the larger phase + the task's selector
     autoencoder; moe-adapters: the code's count with every task's router); evaluate at t = -1 is
-    CLIP's zero-shot row, at t >= 0 the task-free row with the selector metrics and the note."""
+    CLIP's zero-shot row (and the zero-shot alignment metrics), at t >= 0 the task-free row with
+    the selector metrics, the alignment metrics and the note."""
     args = _args("--variant", variant, "--experts", "4", "--iterations", "6", "--t1-min", "0.5", "--t1-max", "0.5",
-                 "--prune-tau", "0", "--eval-batch-size", "8")
+                 "--prune-tau", "0", "--eval-batch-size", "8", "--align-n", "12")
     tasks = [_task("A", 1), _task("B", 2), _task("C", 3)]
     method = igsp.init_method(tiny_clip, args, len(tasks))
+    method["align"] = common.Alignment(tiny_clip, args, CPU)                # as igsp.setup
     zs, zs_info = igsp.evaluate(tiny_clip, method, tasks, -1, args, CPU)
-    assert zs == common.evaluate_all(tiny_clip, tasks, args, CPU, -1) and zs_info == {}
+    assert zs == common.evaluate_all(tiny_clip, tasks, args, CPU, -1)
+    assert {k: v for k, v in zs_info.items() if k != "note"} == method["align"].zero_shot
     common.seed_all(0)
     info = igsp.train_task(tiny_clip, method, tasks[0], 0, args, CPU)
     more = igsp.after_task(tiny_clip, method, tasks[0], 0, args, CPU)
@@ -320,3 +331,4 @@ def test_reported_trainable_count_and_note(tiny_clip, variant):
     assert row == want_row and ev["selector_acc_seen"] == round(sel[0], 2)
     assert ev["selector_fallback_unseen"] == round(sum(sel[1:]) / 2, 2) and "acc_oracle" not in ev
     assert f"trainable {want:,}" in ev["note"] and f"total {n['total']:,}" in ev["note"]
+    assert {"modality_gap", "i2t_r1", "t2i_r1"} <= set(ev) and "held-out pairs" in ev["note"]

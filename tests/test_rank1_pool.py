@@ -333,8 +333,9 @@ def run_cli(toy_weights, out, *extra):
 
 
 @pytest.mark.skipif(not hasattr(data, "toy_tasks"), reason="the toy benchmark is not in data.py yet")
-def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
-    s = run_cli(toy_weights, tmp_path / "a", "--max-tasks", "2")
+def test_cli_end_to_end_and_resume(toy_weights, tmp_path, alignment_recorded):
+    align, check_alignment = alignment_recorded
+    s = run_cli(toy_weights, tmp_path / "a", "--max-tasks", "2", *align)
     for key in ("method", "benchmark", "order", "datasets", "zero_shot", "acc_matrix", "transfer", "average",
                 "last", "trainable_params", "seconds", "params_with_routers", "ago_loss", "merge_seconds", "loss"):
         assert key in s, key
@@ -344,9 +345,10 @@ def test_cli_end_to_end_and_resume(toy_weights, tmp_path):
     assert s["method"] == "rank1_pool" and len(s["acc_matrix"]) == 2
     assert s["ago_loss"][0] == 0 and s["ago_loss"][1] > 0
     assert s["trainable_params"] < s["params_with_routers"][0]
+    check_alignment(s)                                      # after every task and at zero-shot
     for f in ("config.json", "acc_matrix.csv", "acc_matrix.png", "checkpoint.pt"):
         assert (tmp_path / "a" / f).is_file()
-    run_cli(toy_weights, tmp_path / "b", "--max-tasks", "1")
-    s2 = run_cli(toy_weights, tmp_path / "b", "--max-tasks", "2", "--resume")
-    assert s2["acc_matrix"] == s["acc_matrix"]
+    run_cli(toy_weights, tmp_path / "b", "--max-tasks", "1", *align)
+    s2 = run_cli(toy_weights, tmp_path / "b", "--max-tasks", "2", "--resume", *align)
+    assert s2["acc_matrix"] == s["acc_matrix"] and s2["modality_gap"] == s["modality_gap"]
     assert (tmp_path / "a" / "acc_matrix.csv").read_text() == (tmp_path / "b" / "acc_matrix.csv").read_text()

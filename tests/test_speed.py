@@ -43,13 +43,13 @@ from syncs import SyncCounter  # noqa: E402
 
 CPU = torch.device("cpu")
 SCRIPTS = {  # key: (module, flags that keep the toy run small)
-    "finetune": (finetune, []),
+    "finetune": (finetune, ["--align-n", "0"]),
     "gnsp": (gnsp, ["--ref-n", "8", "--align-n", "8"]),
-    "keeplora": (keeplora, ["--grad-batches", "1", "--feature-batches", "1"]),
-    "rank1_pool": (rank1_pool, []),
-    "igsp": (igsp, ["--selector-samples", "8", "--selector-steps", "2"]),
+    "keeplora": (keeplora, ["--grad-batches", "1", "--feature-batches", "1", "--align-n", "0"]),
+    "rank1_pool": (rank1_pool, ["--align-n", "0"]),
+    "igsp": (igsp, ["--selector-samples", "8", "--selector-steps", "2", "--align-n", "0"]),
     "moe-adapters": (igsp, ["--variant", "moe-adapters", "--experts", "4", "--selector-samples", "8",
-                            "--selector-steps", "2"]),
+                            "--selector-steps", "2", "--align-n", "0"]),
 }
 
 

@@ -127,7 +127,7 @@ def bench_script(key: str, amp: str, a, device: torch.device) -> dict:
     args = m.parse_args(["--benchmark", "mtil", "--model", a.model, "--pretrained", "none", "--amp", amp,
                          "--batch-size", str(a.batch_size), "--iterations", "2", "--device", str(device),
                          "--workers", "0", "--eval-batch-size", str(a.eval_batch_size), "--no-progress",
-                         "--out", "/nonexistent", *flags])
+                         "--align-n", "0", "--out", "/nonexistent", *flags])
     size = {"toy-tiny": 32}.get(a.model, 224)
     tasks = synthetic_tasks(size, a.train_images, a.eval_images, a.classes)
     refs = [Pairs(t.train.tensors[0], [f"a photo of a {t.classnames[y]}." for y in t.train.tensors[1].tolist()])
@@ -138,7 +138,7 @@ def bench_script(key: str, amp: str, a, device: torch.device) -> dict:
         stack.enter_context(patched(common, "load_tasks", lambda args, model, **kw: tasks))
         if module == "gnsp":
             stack.enter_context(patched(m, "check_data", lambda args: None))
-            stack.enter_context(patched(m, "reference_data", lambda args, tasks, model: (refs, None)))
+            stack.enter_context(patched(m, "reference_data", lambda args, tasks, model: refs))
         common.seed_all(0)
         model, tasks, method = m.setup(args, device)
         m.train_task(model, method, tasks[0], 0, args, device)
