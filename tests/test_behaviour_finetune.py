@@ -149,6 +149,7 @@ def test_adamw_gets_this_steps_gradient_through_both_towers(clip, adamw_spy):
 # ---- the schedule and what moves ----------------------------------------------------------------
 
 
+@pytest.mark.ex2
 @pytest.mark.parametrize("warmup_flag,warmup", [(None, 4), ("2", 2)])
 def test_lr_is_warmup_then_cosine_at_every_step(tiny_clip, adamw_spy, warmup_flag, warmup):
     """The lr AdamW uses at each of 8 steps: linear warm-up (toy default min(10, iterations // 2))

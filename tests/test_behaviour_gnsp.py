@@ -196,6 +196,7 @@ def test_mtil_defaults_reach_the_optimiser(tiny_clip, adamw_spy, monkeypatch, or
 # ---- the losses ---------------------------------------------------------------------------------
 
 
+@pytest.mark.ex3
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10**6), R=st.integers(2, 8), T=st.floats(0.5, 4.0))
 def test_cd_gradient_pulls_the_student_towards_the_teacher(seed, R, T):
@@ -278,6 +279,7 @@ def manual_grads(model, task, args, ref, Z0, W, steps):
     return out
 
 
+@pytest.mark.ex7
 def test_default_gradient_projection_reaches_adamw(clip, teacher, adamw_spy):
     """Task 2, default flags (--project gradient): at every step AdamW receives exactly g P, g =
     the gradient of the recomputed step loss (lr 1e-12: the weights stay put, so g is exact),

@@ -203,6 +203,7 @@ def test_gate_noise_only_while_training_and_controlled_by_W_noise():
 
 # ---- the regularisers ----
 
+@pytest.mark.ex9
 @settings(max_examples=25, deadline=None)
 @given(blocks=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=3),
        seed=st.integers(0, 9999))
@@ -225,6 +226,7 @@ def test_omega_orth_value(blocks, seed):
     assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7), f"Omega_orth {got} != {want} for (H, C) {blocks}"
 
 
+@pytest.mark.ex8
 def test_omega_sub_value_is_candidate_mass():
     """mean over blocks and forwards of the batch-mean dense mass on the candidates experts[n_hist:]."""
     p1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])        # n_hist 1: masses 0.9, 0.6
@@ -305,6 +307,7 @@ def test_T1_between_bounds_and_at_checks(monkeypatch, converged, check_every, wa
     assert info["T1"] == want_T1, f"converged={converged} check_every={check_every}: T1 {info['T1']} != {want_T1}"
 
 
+@pytest.mark.ex8
 def test_pruning_uses_window_statistics(monkeypatch):
     """At T1 each block is pruned with pi = mean dense routing probability and sel = top-k counts
     over the last `window` steps, recorded here independently from the gates."""
@@ -571,6 +574,7 @@ def _monitor(ps):
     return mon, blk
 
 
+@pytest.mark.ex9
 def test_router_monitor_window_and_convergence():
     mon, blk = _monitor([[0.1, 0.2, 0.7], [0.3, 0.25, 0.45], [0.5, 0.2, 0.3]])
     assert not blk.log, "record() must consume the forward log"
@@ -590,6 +594,7 @@ def test_router_monitor_window_and_convergence():
     assert mon.converged(1, 2, 0.5, 2) is False and mon.converged(1, 2, 0.5, 2) is True
 
 
+@pytest.mark.ex9
 @settings(max_examples=40, deadline=None)
 @given(a=st.floats(0.0, 0.3), b=st.floats(0.0, 0.3), tol=st.floats(0.01, 0.3))
 def test_router_stability_uses_total_variation_below_tol(a, b, tol):

@@ -166,6 +166,7 @@ def test_mtil_task_hparams_follow_official_configs(order, epochs):
 
 # ---- the LoRA branch -----------------------------------------------------------------------------
 
+@pytest.mark.ex4
 @settings(max_examples=30, deadline=None)
 @given(d_in=st.integers(2, 12), d_out=st.integers(1, 12), r=st.integers(1, 6), alpha=st.floats(0.25, 4.0),
        s=st.floats(0.1, 1.0), seed=st.integers(0, 10_000))
@@ -203,6 +204,7 @@ def test_lora_linear_forward_merge_and_protection(d_in, d_out, r, alpha, s, seed
         assert torch.allclose(m(x), before, atol=1e-10), "merged layer differs from the unmerged one"
 
 
+@pytest.mark.ex4
 @pytest.mark.parametrize("flags,scale_text", [((), False), (("--scale-text", "--gamma", "0.4", "--rank", "4",
                                                                 "--alpha", "3"), True)])
 def test_branch_scale_per_block_and_tower(tiny_clip, flags, scale_text):
@@ -229,6 +231,7 @@ def test_branch_scale_per_block_and_tower(tiny_clip, flags, scale_text):
 
 # ---- the task start: A from the residual gradient; B0 --------------------------------------------
 
+@pytest.mark.ex10
 @pytest.mark.parametrize("variant", ["keeplora++", "keeplora"])
 def test_init_task_A_is_top_residual_gradient_directions(tiny_clip, variant):
     args = make_args("--variant", variant, "--batch-size", "4")              # 12 samples: 3 gradient batches
@@ -410,6 +413,7 @@ def _trained(tiny_clip, *flags, n=12):
     return args, lora, M, task
 
 
+@pytest.mark.ex4
 @pytest.mark.parametrize("flags", [(), ("--variant", "keeplora"), ("--scale-text", "--gamma", "0.5", "--alpha", "2")])
 def test_after_task_merges_exactly_and_keeps_function(tiny_clip, flags):
     args, lora, M, task = _trained(tiny_clip, *flags)
@@ -437,6 +441,7 @@ def test_after_task_merges_exactly_and_keeps_function(tiny_clip, flags):
         f"merged model differs from the trained one: image {e_img:.2e}, text {e_txt:.2e}"
 
 
+@pytest.mark.ex11
 @pytest.mark.parametrize("stat,eps_f", [("sum", "0.99"), ("covariance", "0.9")])
 def test_after_task_extends_M_with_task_features(tiny_clip, monkeypatch, stat, eps_f):
     # 12 samples, batch 6: two feature batches. 'sum' averages the batches' token matrices X_b
@@ -494,6 +499,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.ex10
 @pytest.mark.parametrize("flags,eps", [((), (0.85, 0.2)), (("--eps-w-vision", "0.5", "--eps-w-text", "0.6",
                                                                 "--principal-side", "paper"), (0.5, 0.6))])
 def test_main_starts_M_at_principal_subspace_per_tower(monkeypatch, tmp_path, flags, eps):

@@ -167,6 +167,7 @@ def fill_pools(pools, seed, b_scale=1.0, counts=True):
 
 # ---- the pool's forward: routing, expert sum, dropout ------------------------------------------
 
+@pytest.mark.ex5
 @FAST
 @given(d_in=st.integers(2, 10), d_out=st.integers(1, 8), r=st.integers(2, 8), n=st.integers(1, 6),
        length=st.integers(1, 4), alpha=st.sampled_from([0.5, 1.0, 3.0]), p=st.sampled_from([0.0, 0.2, 0.5]),
@@ -199,6 +200,7 @@ def test_forward_is_base_plus_equal_weight_sum_of_this_batch_top_experts(d_in, d
     assert int(pool.counts.sum()) == n * k, "an eval forward must not add votes to counts"
 
 
+@pytest.mark.ex5
 def test_router_reads_exactly_token0_of_the_lora_input():
     pool = make_pool(8, 5, r=6, k=3, dropout=0.0, seed=1)
     pool.router = RecordingRouter(pool.router)
@@ -234,6 +236,7 @@ def test_router_reads_exactly_token0_of_the_lora_input():
         and set(v.tolist()) <= {0, 4}, f"identical token 0 -> all 4 samples vote alike, got votes {v.tolist()}"
 
 
+@pytest.mark.ex5
 def test_router_reads_token0_after_dropout_and_dropout_spares_the_base_path():
     p = 0.5
     pool = make_pool(8, 5, r=6, k=3, dropout=p, seed=2)
@@ -262,6 +265,7 @@ def test_router_reads_token0_after_dropout_and_dropout_spares_the_base_path():
             f"with B = 0 a train-mode forward (dropout {p}) must equal base(x) exactly (seed {seed})"
 
 
+@pytest.mark.ex5
 def test_expert_set_follows_this_batch_votes_not_the_task_counts():
     r, k, n = 6, 3, 5
     pool = make_pool(7, 4, r=r, k=k, dropout=0.0, seed=3)
@@ -286,6 +290,7 @@ def test_expert_set_follows_this_batch_votes_not_the_task_counts():
         f"counts must be the old counts plus this batch's votes, got {pool.counts.tolist()}"
 
 
+@pytest.mark.ex5
 def test_fixed_router_output_does_not_depend_on_router_confidence():
     # experts are summed with weight 1: a sharper router with the same rankings changes nothing
     pool = make_pool(6, 4, r=5, k=2, dropout=0.0, seed=4)
@@ -303,6 +308,7 @@ def test_fixed_router_output_does_not_depend_on_router_confidence():
 
 # ---- votes over a task -----------------------------------------------------------------------
 
+@pytest.mark.ex5
 def test_counts_are_the_sum_of_every_training_batch_votes_and_eval_adds_none(tiny_clip):
     iters = 3
     args = toy_args("--iterations", str(iters), "--batch-size", "4")
@@ -338,6 +344,7 @@ class StubModel:
         return self.layers_[name]
 
 
+@pytest.mark.ex6
 @FAST
 @given(r=st.integers(2, 8), alpha=st.sampled_from([0.5, 1.0, 2.0, 3.0]), n_layers=st.integers(1, 3), data_=st.data())
 def test_merge_adds_alpha_over_r_times_the_top_merge_k_experts_by_counts(r, alpha, n_layers, data_):
@@ -365,6 +372,7 @@ def test_merge_adds_alpha_over_r_times_the_top_merge_k_experts_by_counts(r, alph
         assert not torch.equal(lin.weight, before[name]), f"{name}: the merge did not change W"
 
 
+@pytest.mark.ex6
 def test_after_task_unwraps_to_plain_linear_and_merges_add_up_over_tasks(tiny_clip):
     args = toy_args("--rank", "6", "--top-k", "4", "--merge-k", "3", "--alpha", "2")
     W0 = {n: l.weight.detach().clone() for n, l in tiny_clip.layers(proj=False).items()}
@@ -410,6 +418,7 @@ def test_clip_loss_pulls_each_sample_to_all_of_its_class_in_both_directions(n, n
         f"multi-positive symmetric loss {got} != {want} for labels {labels.tolist()}"
 
 
+@pytest.mark.ex6
 @pytest.mark.parametrize("case", ["code", "paper", "off", "first-task"])
 def test_one_step_loss_is_clip_loss_plus_lambda_ago_from_the_second_task_on(tiny_clip, case):
     mode = "code" if case == "first-task" else case

@@ -105,6 +105,7 @@ def test_orthonormalize_spans_the_columns_and_drops_repeats(d, k, seed):
 
 # ---- metrics ---------------------------------------------------------------------------------------
 
+@pytest.mark.ex1
 def test_metrics_hand_computed():
     A = [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
     m = common.mtil_metrics(A)
@@ -115,6 +116,7 @@ def test_metrics_hand_computed():
     assert m["transfer_per_dataset"] == [20.0, 45.0]
 
 
+@pytest.mark.ex1
 def test_metrics_partial_run():
     A = [[10, 20, 30, 40], [50, 60, 70, 80]]     # stopped after 2 of 4 tasks
     m = common.mtil_metrics(A)
@@ -124,6 +126,7 @@ def test_metrics_partial_run():
     assert m["last"] == pytest.approx(65.0)
 
 
+@pytest.mark.ex1
 def test_metrics_zero_shot_repeated_rows():
     z = [24.3, 88.4, 68.2, 44.6, 54.9, 71.0, 88.5, 59.4, 89.0, 64.7, 65.2]   # ZSCL's CLIP ViT-B/16
     m = common.mtil_metrics([z] * 11)

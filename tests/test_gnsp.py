@@ -38,6 +38,7 @@ def psd(seed, n, d, decay):
 # ---- the null-space rule ------------------------------------------------------------------------
 
 
+@pytest.mark.ex7
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), n=st.integers(1, 40), d=st.integers(2, 24),
        decay=st.floats(0.5, 1.0), rho=st.floats(0.01, 1.0))
@@ -62,6 +63,7 @@ def test_projector_properties(seed, n, d, decay, rho):
         assert lam[k - 1:].sum() >= rho * total * (1 - 1e-9)
 
 
+@pytest.mark.ex7
 def test_projector_boundaries():
     d = 6
     v = torch.nn.functional.normalize(torch.arange(1.0, d + 1, dtype=torch.float64), dim=0)
@@ -89,6 +91,7 @@ def test_projector_boundaries():
 # ---- the losses -------------------------------------------------------------------------------
 
 
+@pytest.mark.ex3
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10**6), R=st.integers(2, 8), T=st.floats(0.5, 4.0))
 def test_contrastive_distillation(seed, R, T):
@@ -106,6 +109,7 @@ def test_contrastive_distillation(seed, R, T):
     assert Zt.grad.abs().max() < 1e-5
 
 
+@pytest.mark.ex3
 def test_modality_alignment_preservation():
     g = torch.Generator().manual_seed(0)
     Z = torch.randn(5, 5, generator=g) * 3
@@ -252,6 +256,7 @@ def output_change(model, W0, X):
     return out
 
 
+@pytest.mark.ex7
 @pytest.mark.parametrize("optimiser", ["sgd", "adamw-update"])
 def test_exact_null_space_outputs_do_not_move(small_clip, optimiser):
     """One stored image: the inputs span fewer dimensions than d, rho ~ 0 -> P = the exact
@@ -269,6 +274,7 @@ def test_exact_null_space_outputs_do_not_move(small_clip, optimiser):
         assert change <= 1e-5 * X[n].norm() * dW.norm(), n
 
 
+@pytest.mark.ex7
 @pytest.mark.parametrize("optimiser", ["sgd", "adamw-update"])
 def test_rho_null_space_bound(small_clip, optimiser):
     """Several stored images, rho = 0.15: the rule guarantees ||X P||_F^2 < rho ||X||_F^2 on the
@@ -285,6 +291,7 @@ def test_rho_null_space_bound(small_clip, optimiser):
         assert change <= torch.linalg.matrix_norm(XP, 2) * dW.norm() * (1 + 1e-4), n
 
 
+@pytest.mark.ex7
 def test_adamw_on_projected_gradients_is_not_exact(small_clip):
     """The official default (project the gradient, then AdamW) is NOT exact: Adam's per-coordinate
     scaling moves the update out of the null space. Measured here so the limitation is visible:

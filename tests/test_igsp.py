@@ -89,6 +89,7 @@ def test_zero_output_experts_leave_clip_unchanged(tiny_clip, variant):
 
 # ---- pruning ----
 
+@pytest.mark.ex8
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 4), st.integers(1, 5), st.floats(0.0, 2.0), st.integers(0, 10_000))
 def test_pruning_removes_exactly_the_experts_under_threshold(n_hist, M, tau, seed):
@@ -109,6 +110,7 @@ def test_pruning_removes_exactly_the_experts_under_threshold(n_hist, M, tau, see
 
 # ---- the Phase-1 regulariser ----
 
+@pytest.mark.ex8
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 10_000))
 def test_regulariser_gradient_moves_routing_mass_off_candidates(n_hist, M, seed):

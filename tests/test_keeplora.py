@@ -28,6 +28,7 @@ def rand_orthonormal(d, k, gen):
 
 # ---- layer scales ----------------------------------------------------------------------------
 
+@pytest.mark.ex4
 def test_layer_scales_formula_and_placement(tiny_clip):
     s = kl.layer_scales(12, 0.2)
     table = [0.200, 0.273, 0.345, 0.418, 0.491, 0.564, 0.636, 0.709, 0.782, 0.855, 0.927, 1.000]  # @7abf7ec:MTIL/model/peft_vit.py:build_layer_scales, 12 layers, gamma 0.2
@@ -46,6 +47,7 @@ def test_layer_scales_formula_and_placement(tiny_clip):
 
 # ---- energy ranks and W_p --------------------------------------------------------------------
 
+@pytest.mark.ex10
 def test_energy_rank_below_boundaries():
     lam = torch.tensor([1.0, 1.0, 1.0, 1.0])                   # cumulative energy .25 .5 .75 1 (exact)
     assert kl.energy_rank_below(lam, 0.5) == 1                  # cum == eps is not < eps
@@ -56,6 +58,7 @@ def test_energy_rank_below_boundaries():
     assert kl.energy_rank_below(lam, 0.0) == 0                  # eps <= 0: no W_p
 
 
+@pytest.mark.ex10
 @FAST
 @given(n=st.integers(1, 20), eps=st.floats(0.01, 0.999), seed=st.integers(0, 10_000))
 def test_energy_rank_below_definition(n, eps, seed):
@@ -69,6 +72,7 @@ def test_energy_rank_below_definition(n, eps, seed):
         assert cum[k] >= eps                                   # ... and top-(k+1) reach it
 
 
+@pytest.mark.ex10
 def test_principal_subspace_sides():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(10, 10, generator=g, dtype=torch.float64)   # PyTorch (d_out, d_in)
@@ -85,6 +89,7 @@ def test_principal_subspace_sides():
 
 # ---- the residual A (@a17f9c2:MTIL/trainer/trainer.py:Trainer.in_proj_weight_process) -----------
 
+@pytest.mark.ex10
 @FAST
 @given(d_in=st.integers(3, 20), d_out=st.integers(2, 20), k_frac=st.floats(0, 0.9), r=st.integers(1, 8),
        seed=st.integers(0, 10_000))
@@ -112,6 +117,7 @@ def test_residual_A_orthonormal_orthogonal_and_optimal(d_in, d_out, k_frac, r, s
         assert float(((Q.T @ G) ** 2).sum()) <= best * (1 + 1e-6) + 1e-9
 
 
+@pytest.mark.ex10
 def test_residual_A_saturation_guards():
     g = torch.Generator().manual_seed(1)
     G = torch.randn(8, 8, generator=g, dtype=torch.float64)
@@ -128,6 +134,7 @@ def test_residual_A_saturation_guards():
 
 # ---- GPM update (@a17f9c2:MTIL/model/prin_subspace.py:PrinSubspace._update_prin_subspace) -----
 
+@pytest.mark.ex11
 @FAST
 @given(d=st.integers(3, 16), n=st.integers(2, 40), k_frac=st.floats(0, 0.8), eps=st.floats(0.3, 0.999),
        seed=st.integers(0, 10_000))

@@ -35,6 +35,7 @@ def fill_random(pools, seed=0):
 
 # ---- the pool --------------------------------------------------------------------------------
 
+@pytest.mark.ex5
 @FAST
 @given(d_in=st.integers(2, 12), d_out=st.integers(1, 12), r=st.integers(1, 6), n=st.integers(1, 5),
        length=st.integers(1, 4), seed=st.integers(0, 10_000))
@@ -51,6 +52,7 @@ def test_pool_with_all_experts_equals_dense_lora(d_in, d_out, r, n, length, seed
         torch.testing.assert_close(pool(x), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.ex5
 @FAST
 @given(r=st.integers(2, 12), n=st.integers(1, 40), data_=st.data())
 def test_batch_vote_picks_exactly_the_top_k_of_the_summed_votes(r, n, data_):
@@ -81,6 +83,7 @@ def test_batch_vote_picks_exactly_the_top_k_of_the_summed_votes(r, n, data_):
     assert int(pool.counts.sum()) == 2 * n * k
 
 
+@pytest.mark.ex5
 def test_fixed_router_gets_no_gradient_learned_router_does():
     torch.manual_seed(0)
     for learned in (False, True):
@@ -96,6 +99,7 @@ def test_fixed_router_gets_no_gradient_learned_router_does():
 
 # ---- merging ---------------------------------------------------------------------------------
 
+@pytest.mark.ex6
 def test_merge_adds_exactly_the_top_experts_and_gives_plain_clip(tiny_clip):
     args = toy_args()
     pristine_types = [type(m) for m in tiny_clip.modules()]
@@ -133,6 +137,7 @@ def test_merge_adds_exactly_the_top_experts_and_gives_plain_clip(tiny_clip):
 
 # ---- Activation-Guided Orthogonality ---------------------------------------------------------
 
+@pytest.mark.ex6
 @FAST
 @given(d=st.integers(8, 16), m=st.integers(1, 4), mode=st.sampled_from(["code", "paper"]), seed=st.integers(0, 10_000))
 def test_ago_zero_for_orthogonal_columns_positive_otherwise_grad_only_on_critical(d, m, mode, seed):
@@ -157,6 +162,7 @@ def test_ago_zero_for_orthogonal_columns_positive_otherwise_grad_only_on_critica
     assert pool.A.grad is None and pool.router.weight.grad is None
 
 
+@pytest.mark.ex6
 def test_ago_reference_code_keeps_all_columns_paper_the_merged_ones():
     E = {"l": {"A": torch.zeros(4, 2), "B": torch.arange(12.).view(3, 4), "counts": torch.tensor([1, 9, 3, 9])}}
     P = R.ago_reference([E, E], toy_args("--ago", "code"), "cpu")["l"]
