@@ -605,16 +605,15 @@ n12768682 n12985857 n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 
 IMAGENET_CLASSNAMES = list(OPENAI_IMAGENET_CLASSNAMES)  # open_clip's copy of OpenAI's 1000 names
 
 # ---- 7. The toy benchmark: a procedural image-text world and its tiny CLIP (no files shipped) ----
-# 32x32 RGB images from four visual domains, the way MTIL's eleven datasets are eleven domains:
-# filled objects on a plain background, full-frame patterns, groups of dots on white, and
-# outlines on paper (TOY_DOMAINS). Each toy task asks one question of one domain's images, with
-# its own class names and prompt templates (TOY_TASKS); two pairs of tasks ask different
-# questions of the same domain (Colours and Tones of the objects, Inks and Sizes of the
-# outlines). The tiny CLIP below is pretrained once (common.load_clip, cached) on captions of
-# all four domains that mention each attribute only part of the time (_CAPTION_P), so zero-shot
-# accuracy is above chance but not saturated. notes/toy_world.md measures what the world shows:
-# per-task zero-shot accuracy, how far each task can be learned on its own, and each method's
-# forgetting and keeping.
+# 32x32 RGB images from six visual domains, one per task, the way MTIL's eleven datasets are
+# eleven domains (TOY_DOMAINS): filled objects on a plain background, full-frame patterns, groups
+# of dots on white, outlines on ruled paper, mosaics of grey tiles, and brush strokes on black.
+# Each toy task asks one question of its own domain's images, with its own class names and prompt
+# templates (TOY_TASKS). The tiny CLIP below is pretrained once (common.load_clip, cached) on
+# captions of all six domains that mention each attribute only part of the time (_CAPTION_P), so
+# zero-shot accuracy is above chance but not saturated. notes/toy_world.md measures what the
+# world shows: per-task zero-shot accuracy, how far each task can be learned on its own
+# (tools/learnability.py), and each method's forgetting and keeping.
 
 # The tiny CLIP: an open_clip ViT config (built by common.load_clip as "toy-tiny") and its
 # pretraining recipe (symmetric InfoNCE on toy_pretraining_batches, common.pretrain_contrastive).
@@ -626,7 +625,7 @@ TOY_CLIP_CFG = {
 }
 # CHOICE: recipe measured on 2 CPU cores (notes/toy_world.md).
 TOY_CLIP_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
-TOY_WORLD_VERSION = 3  # part of the tiny-CLIP cache key: bump when rendering or captions change
+TOY_WORLD_VERSION = 5  # part of the tiny-CLIP cache key: bump when rendering or captions change
 TOY_SIZE = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 # twelve hues 30 degrees apart (red at 0, orange at 30, ...): a fine-grained colour vocabulary
@@ -645,16 +644,18 @@ TOY_DOMAINS = {
     "patterns": ["texture", "colour", "tone"],           # a full-frame two-colour pattern (DTD's role)
     "dots": ["count", "shape", "colour"],                # one to four small objects on white
     "outlines": ["size", "shape", "colour"],             # one hollow shape on ruled paper
+    "tiles": ["tone"],                                   # a mosaic of grey tiles around one tone
+    "strokes": ["colour"],                               # one broad brush stroke on black
 }
 # task name -> (domain, attribute asked, templates; templates[0] is the training template);
 # the class names are TOY_VALUES[attribute]
 TOY_TASKS = {
     "Colours": ("objects", "colour", ["a {} object.", "something {}.", "a {} thing."]),
     "Counts": ("dots", "count", ["{} objects.", "a picture of {} things."]),
-    "Inks": ("outlines", "colour", ["a {} outline.", "an outline drawn in {}."]),
+    "Inks": ("strokes", "colour", ["a {} stroke.", "a line painted in {}."]),
     "Sizes": ("outlines", "size", ["a {} outline.", "an outline of a {} shape."]),
     "Textures": ("patterns", "texture", ["a {} pattern.", "a {} texture."]),
-    "Tones": ("objects", "tone", ["something on a {} background.", "a {} picture."]),
+    "Tones": ("tiles", "tone", ["a {} mosaic.", "a {} picture."]),
 }
 TOY_ORDERS = {"I": ["Colours", "Counts", "Inks", "Sizes", "Textures", "Tones"],  # alphabetical, as MTIL's
               "II": ["Tones", "Textures", "Counts", "Inks", "Sizes", "Colours"]}
@@ -756,8 +757,25 @@ def _render_outlines(a: dict, g: torch.Generator) -> torch.Tensor:
     return img * (1 - mask) + _paint(a["colour"], g) * mask
 
 
+def _render_tiles(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["tone"]), TOY_SIZE
+    jitter = (torch.rand(n, S // 4, S // 4, generator=g) - 0.5) * 0.24                 # (n, 8, 8) per tile
+    level = torch.tensor(_TONE_LEVEL)[a["tone"]].view(n, 1, 1) + jitter
+    level = level.repeat_interleave(4, 1).repeat_interleave(4, 2)                    # (n, S, S) 4 px tiles
+    return _background(level.clamp(0, 1))
+
+
+def _render_strokes(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["colour"]), TOY_SIZE
+    ys, xs = _grid()
+    theta = _uniform(n, 0, torch.pi, g)
+    cx, cy, width = S / 2 + _uniform(n, -4, 4, g), S / 2 + _uniform(n, -4, 4, g), _uniform(n, 4, 7, g)
+    mask = (((xs - cx) * torch.sin(theta) - (ys - cy) * torch.cos(theta)).abs() < width / 2).unsqueeze(1).float()
+    return _background(0.1 + _uniform(n, -0.05, 0.05, g)) * (1 - mask) + _paint(a["colour"], g) * mask
+
+
 _RENDER = {"objects": _render_objects, "patterns": _render_patterns, "dots": _render_dots,
-           "outlines": _render_outlines}
+           "outlines": _render_outlines, "tiles": _render_tiles, "strokes": _render_strokes}
 
 
 def toy_render(a: dict[str, torch.Tensor], g: torch.Generator, domain: str) -> torch.Tensor:
@@ -766,7 +784,7 @@ def toy_render(a: dict[str, torch.Tensor], g: torch.Generator, domain: str) -> t
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-_CAPTION_P = {"colour": 0.4, "shape": 0.6, "texture": 0.5, "position": 0.4, "size": 0.4, "count": 0.5, "tone": 0.3}
+_CAPTION_P = {"colour": 0.4, "shape": 0.6, "texture": 0.5, "position": 0.4, "size": 0.2, "count": 0.5, "tone": 0.12}
 
 
 def _a(phrase: str) -> str:
@@ -778,7 +796,11 @@ def toy_caption(domain: str, a: dict[str, int], rng: random.Random) -> str:
     part of the time (_CAPTION_P)."""
     say = {k: rng.random() < _CAPTION_P[k] for k in a}
     word = {k: TOY_VALUES[k][v] for k, v in a.items()}
+    if domain == "tiles":
+        return _a(f"{word['tone']} mosaic" if say["tone"] else rng.choice(["mosaic", "tiled wall"]))
     colour = word["colour"] + " " if say["colour"] else ""
+    if domain == "strokes":
+        return _a(colour + rng.choice(["stroke", "brush stroke", "line"])) + (" on black" if rng.random() < 0.3 else "")
     if domain == "patterns":
         tex = word["texture"] + " " if say["texture"] else ""
         tone = f" on {word['tone']}" if say["tone"] else ""
