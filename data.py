@@ -624,8 +624,8 @@ TOY_CLIP_CFG = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # CHOICE: recipe measured on 2 CPU cores (notes/toy_world.md).
-TOY_CLIP_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
-TOY_WORLD_VERSION = 5  # part of the tiny-CLIP cache key: bump when rendering or captions change
+TOY_CLIP_PRETRAIN = {"steps": 1400, "batch_size": 128, "lr": 2e-3, "warmup": 140, "weight_decay": 0.1}
+TOY_WORLD_VERSION = 6  # part of the tiny-CLIP cache key: bump when rendering or captions change
 TOY_SIZE = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 # twelve hues 30 degrees apart (red at 0, orange at 30, ...): a fine-grained colour vocabulary
@@ -635,7 +635,7 @@ TOY_TEXTURES = ["striped", "banded", "diagonal", "dotted", "checkered", "grid"] 
 TOY_COUNTS = ["one", "two", "three", "four"]
 TOY_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 TOY_SIZES = ["small", "medium", "large"]
-TOY_TONES = ["black", "dark", "grey", "light", "white"]
+TOY_TONES = ["black", "charcoal", "dark", "grey", "silver", "light", "pale", "white"]
 TOY_VALUES = {"shape": TOY_SHAPES, "colour": TOY_COLOURS, "texture": TOY_TEXTURES, "count": TOY_COUNTS,
               "position": TOY_POSITIONS, "size": TOY_SIZES, "tone": TOY_TONES}
 # domain -> the attributes its images vary in (each drawn uniformly and independently)
@@ -659,7 +659,7 @@ TOY_TASKS = {
 }
 TOY_ORDERS = {"I": ["Colours", "Counts", "Inks", "Sizes", "Textures", "Tones"],  # alphabetical, as MTIL's
               "II": ["Tones", "Textures", "Counts", "Inks", "Sizes", "Colours"]}
-_TONE_LEVEL = (0.12, 0.3, 0.48, 0.66, 0.84)
+_TONE_LEVEL = (0.08, 0.2, 0.32, 0.44, 0.56, 0.68, 0.8, 0.92)  # 0.12 apart: Tones is fine-grained
 _SIZE_RADIUS = ((4.0, 5.0), (7.5, 8.5), (11.0, 12.5))
 _QUADRANT = ((0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72))  # (x, y) centre of each position, / S
 
