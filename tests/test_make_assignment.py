@@ -1,10 +1,11 @@
 """tools/make_assignment.py and ASSIGNMENTS.md: every exercise names functions that exist and a grading
 command that selects tests carrying its marker; blanking replaces exactly a function's body and
-nothing else; mistakes are one line and exit code 2. The slow tests run every exercise's grading
+nothing else; mistakes are one line and exit code 2. The slow test runs every exercise's grading
 command: a copy with the exercise's functions blanked fails it (with the exercise's own
 NotImplementedError), the original project passes it."""
 import ast
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -24,19 +25,13 @@ EXERCISES = ma.read_exercises(ROOT)
 GRADING_RE = re.compile(r"^python -m pytest -n 0 -m ex(\d+)((?: tests/[\w/]+\.py)+)$")
 
 
-def grading_argv(command: str) -> list[str]:
-    """The grading command as a subprocess runs it: this interpreter, no cache. Not -x: every selected
-    test must fail in a blanked copy (a test that passes there grades nothing), and a test fails at
-    once when it reaches the NotImplementedError (a few seconds in all)."""
+def grading_args(command: str) -> list[str]:
+    """The grading command's pytest arguments. Not -x: every selected test must fail in a blanked copy
+    (a test that passes there grades nothing), and a test fails at once when it reaches the
+    NotImplementedError (a few seconds in all)."""
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "pytest"], command
-    return [sys.executable, "-m", "pytest", *argv[3:], "-p", "no:cacheprovider", "-q"]
-
-
-def run_grading(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}   # not this run's xdist worker
-    return subprocess.run(argv, cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    return argv[3:]
 
 
 # ---- ASSIGNMENTS.md --------------------------------------------------------------------------------
@@ -71,10 +66,13 @@ def test_every_exercise_has_reading_expected_results_and_questions_with_real_fla
     sources = "".join((ROOT / f).read_text() for f in ("common.py", "finetune.py", "gnsp.py", "keeplora.py",
                                                        "rank1_pool.py", "igsp.py", "tools/report.py",
                                                        "tools/sweep.py", "tools/make_assignment.py"))
+    assert "TBD" not in text, "a placeholder left in ASSIGNMENTS.md"
     for n, part in enumerate(parts, 1):
         for key in ("**Read:**", "**Implement:**", "**Graded by:**", "**On the toy benchmark:**", "**Questions**"):
             assert key in part, f"exercise {n} lacks {key}"
-        assert "RANGE-TBD" in part and "--benchmark toy" in part, f"exercise {n}: the toy command and its ranges"
+        ranges = re.findall(r"Transfer (\d+\.\d)(?:-(\d+\.\d))? / Average \d+\.\d(?:-\d+\.\d)? / Last \d+\.\d", part)
+        assert ranges and "--benchmark toy" in part, f"exercise {n}: the toy command and its measured range"
+        assert all(not hi or float(lo) < float(hi) for lo, hi in ranges), f"exercise {n}: an empty range {ranges}"
         questions = re.findall(r"^\d+\. ", part.split("**Questions**")[1], re.M)
         assert 2 <= len(questions) <= 3, f"exercise {n} has {len(questions)} questions, want 2 or 3"
         for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", part)):
@@ -225,30 +223,63 @@ def test_exercise_copy_is_the_project_with_only_the_bodies_replaced(tmp_path, ca
         assert len(old) - len(new) == removed, f"{rel}: lines outside the functions changed"
 
 
-# ---- the grading commands (slow: one pytest process per exercise) -----------------------------------
+# ---- the grading commands (slow: every grading run in one extra process) ----------------------------
+
+# One Python process runs pytest on each copy in turn (torch and open_clip are imported once; every
+# module of the project and its tests is dropped from sys.modules between runs, so each run imports
+# its own copy's code). It prints {label: [exit code, log]} as JSON.
+DRIVER = r"""
+import contextlib, io, json, os, sys
+import pytest
+jobs, results = json.loads(sys.argv[1]), {}
+for label, cwd, argv in jobs:
+    for name, mod in list(sys.modules.items()):               # the project's own modules and its tests
+        f = os.path.dirname(getattr(mod, "__file__", None) or "")
+        if name in ("conftest", "tests") or name.startswith("tests.") or any(
+                f in (c, os.path.join(c, "tests"), os.path.join(c, "tools")) for _, c, _ in jobs):
+            del sys.modules[name]
+    os.chdir(cwd)
+    sys.path[0] = cwd
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        code = int(pytest.main(argv))
+    results[label] = [code, buf.getvalue()]
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def run_gradings(jobs: list[tuple[str, Path, list[str]]]) -> dict[str, tuple[int, str]]:
+    """Run each (label, folder, pytest argv) in one extra process; {label: (exit code, log)}."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}   # not this run's xdist worker
+    payload = json.dumps([(label, str(cwd), [*argv, "-p", "no:cacheprovider", "-q"]) for label, cwd, argv in jobs])
+    r = subprocess.run([sys.executable, "-c", DRIVER, payload], cwd=ROOT, env={**env, "HF_HUB_OFFLINE": "1"},
+                       capture_output=True, text=True, timeout=1200)
+    assert "RESULTS" in r.stdout, f"the grading driver failed:\n{(r.stdout + r.stderr)[-3000:]}"
+    return {k: tuple(v) for k, v in json.loads(r.stdout.split("RESULTS", 1)[1]).items()}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", sorted(EXERCISES))
-def test_blanked_copy_fails_the_exercise_grading(n, tmp_path):
-    out = tmp_path / f"ex{n}"
-    assert ma.main(["--exercise", str(n), "--out", str(out)]) == 0
-    r = run_grading(grading_argv(EXERCISES[n].grading), out)
-    log = r.stdout + r.stderr
-    assert r.returncode == 1, f"exercise {n}: the blanked copy must fail its grading (exit 1), got {r.returncode}:\n{log[-3000:]}"
-    assert f"NotImplementedError: exercise {n}: implement" in log, \
-        f"exercise {n}: the failure must be the blanked function's NotImplementedError:\n{log[-3000:]}"
-    last = log.strip().splitlines()[-1]
-    assert re.match(r"\d+ failed, \d+ deselected in ", last), \
-        f"exercise {n}: every test of the grading must fail in the blanked copy, got: {last}"
-
-
-@pytest.mark.slow
-def test_original_project_passes_every_grading():
-    """One process for every exercise: the union of the grading files and `-m "ex1 or ex2 ..."` selects
-    the same tests as the commands one by one."""
+def test_every_blanked_copy_fails_its_grading_and_the_original_passes(tmp_path):
+    """For every exercise: the copy with its functions blanked fails its grading command (exit 1),
+    every selected test fails, and the failure is the exercise's own NotImplementedError. The
+    original project passes all gradings: the union of the grading files with `-m "ex1 or ex2 ..."`
+    selects the same tests as the commands one by one."""
+    jobs = []
+    for n in sorted(EXERCISES):
+        out = tmp_path / f"ex{n}"
+        assert ma.main(["--exercise", str(n), "--out", str(out)]) == 0
+        jobs.append((f"ex{n}", out, grading_args(EXERCISES[n].grading)))
     files = sorted({f for ex in EXERCISES.values() for f in GRADING_RE.match(ex.grading).group(2).split()})
     markers = " or ".join(f"ex{n}" for n in sorted(EXERCISES))
-    r = run_grading([sys.executable, "-m", "pytest", "-n", "0", "-m", markers, *files, "-p", "no:cacheprovider", "-q"],
-                    ROOT)
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, f"the grading tests must pass on the original project:\n{log[-3000:]}"
+    jobs.append(("original", ROOT, ["-n", "0", "-m", markers, *files]))
+    results = run_gradings(jobs)
+    code, log = results["original"]
+    assert code == 0, f"the grading tests must pass on the original project:\n{log[-3000:]}"
+    for n in sorted(EXERCISES):
+        code, log = results[f"ex{n}"]
+        assert code == 1, f"exercise {n}: the blanked copy must fail its grading (exit 1), got {code}:\n{log[-3000:]}"
+        assert f"NotImplementedError: exercise {n}: implement" in log, \
+            f"exercise {n}: the failure must be the blanked function's NotImplementedError:\n{log[-3000:]}"
+        last = log.strip().splitlines()[-1]
+        assert re.match(r"\d+ failed, \d+ deselected in ", last), \
+            f"exercise {n}: every test of the grading must fail in the blanked copy, got: {last}"

@@ -144,3 +144,28 @@ def test_nothing_to_report_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "error: no run to report (2 folders skipped)" and len(err) == 3
     assert not (tmp_path / "c").exists()
+
+
+def test_alignment_table_reads_the_last_task_and_the_zero_shot_value(tmp_path, monkeypatch, capsys):
+    """The alignment table shows each run's held-out modality gap and Recall@1 after its LAST task
+    (not the first, not a mean), with the zero-shot value in brackets; runs without the metrics
+    (older runs) get no row."""
+    monkeypatch.setattr(common, "plot_matrix", lambda *a, **k: None)
+    args = common.finalize_args(common.common_parser("gnsp").parse_args(
+        ["--benchmark", "toy", "--order", "I", "--out", str(tmp_path / "g")]), "gnsp", {})
+    args.eval_prompts = "ensemble"
+    run = common.Run(args, [data.Task(n, [], [], [], []) for n in TASKS], [common.HParams(5, 4, 1e-3)] * 3)
+    run.set_zero_shot(ZS, {"modality_gap": 0.25, "i2t_r1": 17.4, "t2i_r1": 14.25})
+    for t, (gap, i2t, t2i) in enumerate([(0.3, 15.0, 13.0), (0.35, 12.5, 11.0), (0.41, 9.75, 8.5)]):
+        run.begin_task(t)
+        run.finish_task(t, G1[t], {}, {"trainable_params": 10, "loss": 0.5},
+                        {"modality_gap": gap, "i2t_r1": i2t, "t2i_r1": t2i})
+    run.print_final()
+    write_run(tmp_path, "ft", "finetune", FT)                                 # no alignment recorded
+    assert report.main([str(tmp_path / "g"), str(tmp_path / "ft"), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "Alignment on the held-out image-caption pairs" in out
+    align = out.split("Alignment on the held-out")[1]
+    row = rows_of(align)
+    assert row["GNSP"] == ["I", "0.410 (0.250)", "9.8 (17.4)", "8.5 (14.2)", "g"], row
+    assert "Continual-FT" not in row, "a run without alignment metrics got an alignment row"

@@ -9,7 +9,8 @@ complete, zero_shot, acc_matrix, transfer, average, last, trainable_params, seco
 config.json (the run's flags). Prints a Markdown table per order of the benchmark, and writes to
 --out (default runs/report):
 
-  report.md          the tables, the folders skipped and why, the two figures
+  report.md          the tables (Transfer / Average / Last; and the alignment on held-out pairs after the
+                     last task where the runs recorded it), the folders skipped and why, the two figures
   acc_matrices.png   every run's accuracy matrix (the zero-shot row on top), side by side, one colour scale
   acc_curves.png     one panel per task: its accuracy after each training stage (0 = zero-shot), one
                      curve per run; a dot where the task itself was trained
@@ -198,6 +199,22 @@ def sort_key(r: RunInfo):
     return r.summary["order"], ORDER.index(r.method) if r.method in ORDER else len(ORDER), r.label
 
 
+ALIGN_HEAD = ["method / variant", "order", "modality gap", "image->text R@1", "text->image R@1", "run"]
+
+
+def alignment_rows(runs: list[RunInfo]) -> list[list[str]]:
+    """Held-out image-caption alignment after the last trained task, the zero-shot value in
+    brackets (summary.json modality_gap / i2t_r1 / t2i_r1 and zero_shot_info); runs without it are
+    left out."""
+    rows = []
+    for r in sorted((r for r in runs if r.summary.get("modality_gap") and r.method != "zero-shot"), key=sort_key):
+        s, z = r.summary, r.summary.get("zero_shot_info") or {}
+        cell = lambda k, f: f"{s[k][-1]:{f}}" + (f" ({z[k]:{f}})" if k in z else "")   # noqa: E731
+        rows.append([r.label, s["order"], cell("modality_gap", ".3f"), cell("i2t_r1", ".1f"), cell("t2i_r1", ".1f"),
+                     r.path.name])
+    return rows
+
+
 def markdown(runs: list[RunInfo]) -> str:
     bench = runs[0].summary["benchmark"]
     parts = []
@@ -210,6 +227,14 @@ def markdown(runs: list[RunInfo]) -> str:
         parts.append("|" + "---|" * len(HEAD))
         parts += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("")
+        align = alignment_rows(group)
+        if align:
+            parts.append(f"Alignment on the held-out image-caption pairs after the last task, Order {order} "
+                         "(zero-shot in brackets):\n")
+            parts.append("| " + " | ".join(ALIGN_HEAD) + " |")
+            parts.append("|" + "---|" * len(ALIGN_HEAD))
+            parts += ["| " + " | ".join(row) + " |" for row in align]
+            parts.append("")
     return "\n".join(parts)
 
 

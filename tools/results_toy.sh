@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# tools/results_toy.sh -- every toy run behind RESULTS.md, then its tables and figures.
+#
+#   bash tools/results_toy.sh            # runs/toy/<name> for each run, then tools/report.py
+#   JOBS=2 bash tools/results_toy.sh     # two runs at a time (one thread each)
+#
+# A finished run folder is kept (not run again); an interrupted one is resumed. The report goes to
+# figures/toy (report.md, acc_matrices.png, acc_curves.png), which RESULTS.md shows. Every run uses
+# one CPU thread (OMP_NUM_THREADS=1), as RESULTS.md's were made: the thread count changes the order
+# of floating-point sums, which moves some toy numbers by a tenth.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RUNS=(
+  "zero-shot-I    finetune.py --mode zero-shot --order I"
+  "zero-shot-II   finetune.py --mode zero-shot --order II"
+  "finetune-I     finetune.py --order I"
+  "finetune-II    finetune.py --order II"
+  "gnsp-I         gnsp.py --order I"
+  "gnsp-II        gnsp.py --order II"
+  "keeplora-I     keeplora.py --order I"
+  "keeplora-II    keeplora.py --order II"
+  "keeplora-v1-I  keeplora.py --variant keeplora --order I"
+  "keeplora-v1-II keeplora.py --variant keeplora --order II"
+  "rank1_pool-I   rank1_pool.py --order I"
+  "rank1_pool-II  rank1_pool.py --order II"
+  "igsp-I         igsp.py --order I --oracle-eval"
+  "igsp-II        igsp.py --order II --oracle-eval"
+  "moe-adapters-I  igsp.py --variant moe-adapters --order I --oracle-eval"
+  "moe-adapters-II igsp.py --variant moe-adapters --order II --oracle-eval"
+)
+one() {  # name script flags...
+  local name=$1; shift
+  local out=runs/toy/$name
+  if [ -f "$out/summary.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$out/summary.json'))['complete'] else 1)"; then
+    return 0
+  fi
+  local resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+  echo "python $* --benchmark toy --out $out ${resume[*]}" >&2
+  python "$@" --benchmark toy --no-progress --out "$out" "${resume[@]}" > "runs/toy/$name.log" 2>&1
+}
+export -f one
+mkdir -p runs/toy
+if [ "$JOBS" -gt 1 ]; then
+  printf '%s\n' "${RUNS[@]}" | xargs -P "$JOBS" -L 1 bash -c 'one "$@"' _
+else
+  for r in "${RUNS[@]}"; do one $r; done
+fi
+python tools/report.py runs/toy/*/ --out figures/toy
