@@ -624,8 +624,8 @@ TOY_CLIP_CFG = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # CHOICE: recipe measured on 2 CPU cores (notes/toy_world.md).
-TOY_CLIP_PRETRAIN = {"steps": 1400, "batch_size": 128, "lr": 2e-3, "warmup": 140, "weight_decay": 0.1}
-TOY_WORLD_VERSION = 6  # part of the tiny-CLIP cache key: bump when rendering or captions change
+TOY_CLIP_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
+TOY_WORLD_VERSION = 7  # part of the tiny-CLIP cache key: bump when rendering or captions change
 TOY_SIZE = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 # twelve hues 30 degrees apart (red at 0, orange at 30, ...): a fine-grained colour vocabulary
@@ -784,7 +784,7 @@ def toy_render(a: dict[str, torch.Tensor], g: torch.Generator, domain: str) -> t
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-_CAPTION_P = {"colour": 0.4, "shape": 0.6, "texture": 0.5, "position": 0.4, "size": 0.2, "count": 0.5, "tone": 0.12}
+_CAPTION_P = {"colour": 0.4, "shape": 0.6, "texture": 0.7, "position": 0.4, "size": 0.2, "count": 0.5, "tone": 0.12}
 
 
 def _a(phrase: str) -> str:
