@@ -209,7 +209,9 @@ def alignment_rows(runs: list[RunInfo]) -> list[list[str]]:
     rows = []
     for r in sorted((r for r in runs if r.summary.get("modality_gap") and r.method != "zero-shot"), key=sort_key):
         s, z = r.summary, r.summary.get("zero_shot_info") or {}
-        cell = lambda k, f: f"{s[k][-1]:{f}}" + (f" ({z[k]:{f}})" if k in z else "")   # noqa: E731
+
+        def cell(k: str, f: str) -> str:                      # after the last task (zero-shot)
+            return f"{s[k][-1]:{f}}" + (f" ({z[k]:{f}})" if k in z else "")
         rows.append([r.label, s["order"], cell("modality_gap", ".3f"), cell("i2t_r1", ".1f"), cell("t2i_r1", ".1f"),
                      r.path.name])
     return rows
