@@ -101,8 +101,7 @@ DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, sr
     "warmup": (100, 10),        # src/args.py warmup_length: 100 even for a 100-step task; toy: min(., iterations // 2)
     "weight_decay": (0.0, 0.0),                                 # src/args.py wd
     "label_smoothing": (0.2, 0.2),                              # configs: label_smoothing
-    "first_task": ("full", "restricted"),                       # run_mtil.py: gnsp only for i > 0, task 1 full
-                                # toy: CHOICE: restricted, measured (notes/gnsp.md): a full task 1 costs 7 points of Transfer
+    "first_task": ("full", "full"),                             # run_mtil.py: gnsp only for i > 0, task 1 full
     "rho": (0.15, 0.15),                                        # configs: gnsp_rho
     "project": ("gradient", "gradient"),                        # finetune_gnsp.py: the gradient is projected; none: ablation
     "accumulation": ("gnsp", "gnsp"),                           # get_data_matrix.py
