@@ -1761,6 +1761,7 @@ class Run:
         def rows(acc):
             return [[None if math.isnan(v) else v for v in row] for row in acc]
         s = {"method": self.method, "benchmark": self.args.benchmark, "order": self.args.order,
+             **({"toy_world": data.TOY_WORLD_VERSION} if self.args.benchmark == "toy" else {}),
              "datasets": self.datasets, "complete": self.complete, "tasks_done": len(self.acc),
              "zero_shot": self.zero_shot, "acc_matrix": rows(self.acc)}
         if self.sizes is None:

@@ -608,15 +608,15 @@ n12768682 n12985857 n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 
 IMAGENET_CLASSNAMES = list(OPENAI_IMAGENET_CLASSNAMES)  # open_clip's copy of OpenAI's 1000 names
 
 # ---- 7. The toy benchmark: a procedural image-text world and its tiny CLIP (no files shipped) ----
-# 32x32 RGB images of one object on a background. Every image has six attributes: the object's
-# shape, colour, size and position (a quadrant), and the background's tone and texture. Each toy
-# task asks about one attribute or a combination, with its own class names and prompt templates
-# (TOY_TASKS): Colours, Combos (10 colour-shape pairs), Scenes (8 tone-texture backgrounds),
-# Sizes (small or large), Textures, Tones. The tasks share images but not labels, as MTIL's
-# tasks share a backbone but not label spaces: learning "textures" can overwrite what CLIP knew
-# about "colours". The tiny CLIP below is pretrained once (common.load_clip, cached) on captions
-# of this world that mention each attribute only part of the time (_CAPTION_P), so zero-shot
-# accuracy is above chance but not saturated. notes/toy_world.md measures what the world shows.
+# 32x32 RGB images from six visual domains, one per task, the way MTIL's eleven datasets are
+# eleven domains (TOY_DOMAINS): filled objects on a plain background, full-frame patterns, groups
+# of dots on white, outlines on ruled paper, mosaics of grey tiles, and brush strokes on black.
+# Each toy task asks one question of its own domain's images, with its own class names and prompt
+# templates (TOY_TASKS). The tiny CLIP below is pretrained once (common.load_clip, cached) on
+# captions of all six domains that mention each attribute only part of the time (_CAPTION_P), so
+# zero-shot accuracy is above chance but not saturated. notes/toy_world.md measures what the
+# world shows: per-task zero-shot accuracy, how far each task can be learned on its own
+# (tools/learnability.py), and each method's forgetting and keeping.
 
 # The tiny CLIP: an open_clip ViT config (built by common.load_clip as "toy-tiny") and its
 # pretraining recipe (symmetric InfoNCE on toy_pretraining_batches, common.pretrain_contrastive).
@@ -626,87 +626,63 @@ TOY_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32},
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-# CHOICE: recipe measured on 2 CPU cores (README "The toy benchmark"): about a minute of pretraining.
+# CHOICE: recipe measured on 2 CPU cores (notes/toy_world.md).
 TOY_CLIP_PRETRAIN = {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup": 80, "weight_decay": 0.1}
-TOY_WORLD_VERSION = 1  # part of the tiny-CLIP cache key: bump when rendering or captions change
+TOY_WORLD_VERSION = 7  # part of the tiny-CLIP cache key: bump when rendering or captions change
 TOY_SIZE = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
-TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
-               "purple": (150, 50, 200), "orange": (240, 130, 20), "pink": (240, 120, 190), "cyan": (40, 210, 220)}
-TOY_TEXTURES = ["plain", "striped", "dotted", "checkered"]
+# twelve hues 30 degrees apart (red at 0, orange at 30, ...): a fine-grained colour vocabulary
+TOY_COLOURS = ["red", "orange", "yellow", "lime", "green", "mint", "cyan", "azure", "blue", "violet",
+               "magenta", "pink"]
+TOY_TEXTURES = ["striped", "banded", "diagonal", "dotted", "checkered", "grid"]  # stripes across, down, slanted
+TOY_COUNTS = ["one", "two", "three", "four"]
 TOY_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 TOY_SIZES = ["small", "medium", "large"]
-TOY_TONES = ["dark", "grey", "light"]
-_TONE_LEVEL = (0.22, 0.45, 0.68)
-_SIZE_RADIUS = ((4.0, 5.5), (6.5, 8.0), (9.0, 11.0))
-# the combination task: 10 (colour, shape) pairs, images restricted to them
-_COMBOS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "cross"),
-           ("purple", "diamond"), ("orange", "ring"), ("red", "square"), ("blue", "circle"),
-           ("green", "cross"), ("yellow", "triangle")]
-
-_SCENES = [(tone, tex) for tone in ("dark", "light") for tex in TOY_TEXTURES]  # 8 background kinds
-
-# task name -> (attribute, class names, templates; templates[0] is the training template)
-TOY_TASKS = {
-    "Colours": ("colour", list(TOY_COLOURS), ["a {} object.", "something {}.", "a {} thing."]),
-    "Combos": ("combo", [f"{c} {s}" for c, s in _COMBOS], ["a {}.", "a drawing of a {}."]),
-    "Scenes": ("scene", [f"{t} {x}" for t, x in _SCENES], ["something on a {} background.", "a {} background."]),
-    "Sizes": ("extreme_size", ["small", "large"], ["a {} object.", "a {} thing."]),  # medium left out
-    "Textures": ("texture", TOY_TEXTURES, ["a {} background.", "an object on a {} background."]),
-    "Tones": ("tone", TOY_TONES, ["a {} picture.", "an object on a {} background."]),
+TOY_TONES = ["black", "charcoal", "dark", "grey", "silver", "light", "pale", "white"]
+TOY_VALUES = {"shape": TOY_SHAPES, "colour": TOY_COLOURS, "texture": TOY_TEXTURES, "count": TOY_COUNTS,
+              "position": TOY_POSITIONS, "size": TOY_SIZES, "tone": TOY_TONES}
+# domain -> the attributes its images vary in (each drawn uniformly and independently)
+TOY_DOMAINS = {
+    "objects": ["shape", "colour", "position", "tone"],  # one filled object on a plain background
+    "patterns": ["texture", "colour", "tone"],           # a full-frame two-colour pattern (DTD's role)
+    "dots": ["count", "shape", "colour"],                # one to four small objects on white
+    "outlines": ["size", "shape", "colour"],             # one hollow shape on ruled paper
+    "tiles": ["tone"],                                   # a mosaic of grey tiles around one tone
+    "strokes": ["colour"],                               # one broad brush stroke on black
 }
-TOY_ORDERS = {"I": ["Colours", "Combos", "Scenes", "Sizes", "Textures", "Tones"],
-              "II": ["Tones", "Sizes", "Combos", "Textures", "Colours", "Scenes"]}
+# task name -> (domain, attribute asked, templates; templates[0] is the training template);
+# the class names are TOY_VALUES[attribute]
+TOY_TASKS = {
+    "Colours": ("objects", "colour", ["a {} object.", "something {}.", "a {} thing."]),
+    "Counts": ("dots", "count", ["{} objects.", "a picture of {} things."]),
+    "Inks": ("strokes", "colour", ["a {} stroke.", "a line painted in {}."]),
+    "Sizes": ("outlines", "size", ["a {} outline.", "an outline of a {} shape."]),
+    "Textures": ("patterns", "texture", ["a {} pattern.", "a {} texture."]),
+    "Tones": ("tiles", "tone", ["a {} mosaic.", "a {} picture."]),
+}
+TOY_ORDERS = {"I": ["Colours", "Counts", "Inks", "Sizes", "Textures", "Tones"],  # alphabetical, as MTIL's
+              "II": ["Tones", "Textures", "Counts", "Inks", "Sizes", "Colours"]}
+_TONE_LEVEL = (0.08, 0.2, 0.32, 0.44, 0.56, 0.68, 0.8, 0.92)  # 0.12 apart: Tones is fine-grained
+_SIZE_RADIUS = ((4.0, 5.0), (7.5, 8.5), (11.0, 12.5))
+_QUADRANT = ((0.28, 0.28), (0.72, 0.28), (0.28, 0.72), (0.72, 0.72))  # (x, y) centre of each position, / S
 
 
-def toy_attributes(n: int, g: torch.Generator, kind: str = "") -> dict[str, torch.Tensor]:
-    """Sample n images' attributes (integer codes). kind "combo" restricts (colour, shape) to
-    _COMBOS, kind "scene" restricts (tone, texture) to _SCENES; each adds its class code."""
-    a = {"shape": torch.randint(len(TOY_SHAPES), (n,), generator=g),
-         "colour": torch.randint(len(TOY_COLOURS), (n,), generator=g),
-         "texture": torch.randint(len(TOY_TEXTURES), (n,), generator=g),
-         "position": torch.randint(len(TOY_POSITIONS), (n,), generator=g),
-         "size": torch.randint(len(TOY_SIZES), (n,), generator=g),
-         "tone": torch.randint(len(TOY_TONES), (n,), generator=g)}
-    if kind == "extreme_size":
-        a["extreme_size"] = torch.randint(2, (n,), generator=g)
-        a["size"] = 2 * a["extreme_size"]                                     # small (0) or large (2)
-    if kind == "scene":
-        k = torch.randint(len(_SCENES), (n,), generator=g)
-        a["tone"] = torch.tensor([TOY_TONES.index(_SCENES[i][0]) for i in k])
-        a["texture"] = torch.tensor([TOY_TEXTURES.index(_SCENES[i][1]) for i in k])
-        a["scene"] = k
-    if kind == "combo":
-        k = torch.randint(len(_COMBOS), (n,), generator=g)
-        cols, shps = list(TOY_COLOURS), TOY_SHAPES
-        a["colour"] = torch.tensor([cols.index(_COMBOS[i][0]) for i in k])
-        a["shape"] = torch.tensor([shps.index(_COMBOS[i][1]) for i in k])
-        a["combo"] = k
-    return a
+def toy_attributes(n: int, g: torch.Generator, domain: str) -> dict[str, torch.Tensor]:
+    """Sample n images' attributes of one domain: name -> (n,) integer codes."""
+    return {k: torch.randint(len(TOY_VALUES[k]), (n,), generator=g) for k in TOY_DOMAINS[domain]}
 
 
-def toy_render(a: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-    """Render attribute codes to images in [0, 1]: (n,) codes -> (n, 3, 32, 32)."""
-    n, S = len(a["shape"]), TOY_SIZE
-    ys, xs = torch.meshgrid(torch.arange(S).float(), torch.arange(S).float(), indexing="ij")  # (S, S)
-    # background: tone level + texture pattern + noise
-    tone = (torch.tensor(_TONE_LEVEL)[a["tone"]] + (torch.rand(n, generator=g) - 0.5) * 0.16).view(n, 1, 1)
-    phase = torch.randint(4, (n, 1, 1), generator=g).float()
-    pats = torch.stack([torch.zeros(S, S).expand(n, S, S),
-                        (((ys + phase) // 3) % 2).expand(n, S, S),
-                        ((((ys + phase) % 5) < 2) & (((xs + phase) % 5) < 2)).float(),
-                        ((((ys + phase) // 4) + ((xs + phase) // 4)) % 2)], 1)  # (n, 4, S, S)
-    pat = pats[torch.arange(n), a["texture"]]                                  # (n, S, S)
-    bg = (tone + 0.18 * (pat - 0.5) * torch.where(tone > 0.5, -1.0, 1.0)).clamp(0, 1)
-    img = bg.unsqueeze(1).repeat(1, 3, 1, 1)                                   # (n, 3, S, S)
-    # object: size -> radius, position -> quadrant centre + jitter
-    lo, hi = torch.tensor(_SIZE_RADIUS).T
-    u = torch.rand(n, generator=g)
-    r = (lo[a["size"]] + u * (hi[a["size"]] - lo[a["size"]])).view(n, 1, 1)
-    qx = torch.tensor([0.27, 0.73, 0.27, 0.73])[a["position"]] * S
-    qy = torch.tensor([0.27, 0.27, 0.73, 0.73])[a["position"]] * S
-    cx = (qx + (torch.rand(n, generator=g) - 0.5) * 4).view(n, 1, 1)
-    cy = (qy + (torch.rand(n, generator=g) - 0.5) * 4).view(n, 1, 1)
+def _grid() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.meshgrid(torch.arange(TOY_SIZE).float(), torch.arange(TOY_SIZE).float(), indexing="ij")
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(n, generator=g)).view(n, 1, 1)
+
+
+def _shape_mask(shape: torch.Tensor, cx, cy, r) -> torch.Tensor:
+    """Filled shapes: (n,) codes, (n, 1, 1) centres and radii -> (n, S, S) bool."""
+    ys, xs = _grid()
     dx, dy = xs - cx, ys - cy                                                  # (n, S, S)
     masks = torch.stack([dx ** 2 + dy ** 2 < r ** 2,                                       # circle
                          torch.maximum(dx.abs(), dy.abs()) < 0.8 * r,                      # square
@@ -714,33 +690,134 @@ def toy_render(a: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
                          ((dx.abs() < 0.3 * r) | (dy.abs() < 0.3 * r)) & (torch.maximum(dx.abs(), dy.abs()) < r),  # cross
                          dx.abs() + dy.abs() < r,                                           # diamond
                          (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2)], 1)  # ring
-    mask = masks[torch.arange(n), a["shape"]].unsqueeze(1).float()             # (n, 1, S, S)
-    rgb = torch.tensor(list(TOY_COLOURS.values())).float()[a["colour"]] / 255  # (n, 3)
-    rgb = (rgb + (torch.rand(n, 3, generator=g) - 0.5) * 0.45).clamp(0, 1).view(n, 3, 1, 1)
-    img = img * (1 - mask) + rgb * mask
-    img = img + 0.06 * torch.randn(img.shape, generator=g)
-    return img.clamp(0, 1)
+    return masks[torch.arange(len(shape)), shape]
 
 
-_CAPTION_P = {"colour": 0.5, "shape": 0.7, "texture": 0.5, "position": 0.3, "size": 0.5, "tone": 0.4}
+def _paint(colour: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image's colour: its hue +-10 degrees, saturation and value 0.7-1 (HSV to RGB,
+    vectorised): (n,) codes -> (n, 3, 1, 1)."""
+    n = len(colour)
+    h = (colour * 30.0 + (torch.rand(n, generator=g) - 0.5) * 20.0) % 360 / 60  # (n,) in [0, 6)
+    s, v = 0.7 + 0.3 * torch.rand(n, generator=g), 0.7 + 0.3 * torch.rand(n, generator=g)
+    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3) + h.view(n, 1)) % 6          # (n, 3) for R, G, B
+    rgb = v.view(n, 1) - (v * s).view(n, 1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return rgb.view(n, 3, 1, 1)
 
 
-def toy_caption(a: dict[str, int], rng: random.Random) -> str:
-    """One caption from a small grammar; each attribute is mentioned only part of the time."""
-    say = {k: rng.random() < p for k, p in _CAPTION_P.items()}
-    noun = TOY_SHAPES[a["shape"]] if say["shape"] else rng.choice(["object", "thing", "shape"])
-    adj = " ".join(w for w, k in ((TOY_SIZES[a["size"]], "size"), (list(TOY_COLOURS)[a["colour"]], "colour")) if say[k])
-    words = ["a", adj, noun] if adj else ["a", noun]
-    if say["position"]:
-        words.append(f"in the {TOY_POSITIONS[a['position']]}")
-    bg = " ".join(w for w, k in ((TOY_TONES[a["tone"]], "tone"), (TOY_TEXTURES[a["texture"]], "texture")) if say[k])
-    if bg:
-        words.append(f"on a {bg} background")
-    return " ".join(words)
+def _background(level: torch.Tensor) -> torch.Tensor:
+    """(n, 1, 1) grey levels, or (n, S, S) grey images -> (n, 3, S, S)."""
+    return level.expand(-1, TOY_SIZE, TOY_SIZE).unsqueeze(1).repeat(1, 3, 1, 1)
 
 
-def _codes(a, i):
-    return {k: int(v[i]) for k, v in a.items()}
+def _render_objects(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["shape"]), TOY_SIZE
+    bg = _background(torch.tensor(_TONE_LEVEL)[a["tone"]].view(n, 1, 1) + _uniform(n, -0.06, 0.06, g))
+    q = torch.tensor(_QUADRANT)[a["position"]] * S                             # (n, 2)
+    cx, cy = q[:, 0].view(n, 1, 1) + _uniform(n, -2, 2, g), q[:, 1].view(n, 1, 1) + _uniform(n, -2, 2, g)
+    mask = _shape_mask(a["shape"], cx, cy, _uniform(n, 5.5, 8.0, g)).unsqueeze(1).float()
+    return bg * (1 - mask) + _paint(a["colour"], g) * mask
+
+
+def _render_patterns(a: dict, g: torch.Generator) -> torch.Tensor:
+    n = len(a["texture"])
+    ys, xs = _grid()
+    # CHOICE: stripes 3 px wide, narrower than a 4 px patch: every patch holds an edge, so its
+    # orientation is visible patch by patch (at 4 px an aligned phase leaves patches plain)
+    half = torch.full((n, 1, 1), 3.0)
+    ph = torch.randint(8, (n, 1, 1), generator=g).float()
+    Y, X = (ys + ph) // half, (xs + ph) // half                                # (n, S, S) cell indices
+    pats = torch.stack([Y % 2, X % 2, ((xs + ys + ph) // half) % 2,             # striped, banded, diagonal
+                        ((Y % 2 == 0) & (X % 2 == 0)).float(),                  # dotted
+                        (Y + X) % 2,                                            # checkered
+                        (((ys + ph) % (2 * half) < 2) | ((xs + ph) % (2 * half) < 2)).float()], 1)  # grid
+    pat = pats[torch.arange(n), a["texture"]].unsqueeze(1)                     # (n, 1, S, S)
+    bg = _background(torch.tensor(_TONE_LEVEL)[a["tone"]].view(n, 1, 1))
+    return bg * (1 - pat) + _paint(a["colour"], g) * pat
+
+
+def _render_dots(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["count"]), TOY_SIZE
+    img = _background(torch.full((n, 1, 1), 0.92))
+    slots = torch.rand(n, 4, generator=g).argsort(1)                           # (n, 4) a random order of the quadrants
+    colour = _paint(a["colour"], g)
+    for k in range(4):
+        q = torch.tensor(_QUADRANT)[slots[:, k]] * S
+        cx, cy = q[:, 0].view(n, 1, 1) + _uniform(n, -2, 2, g), q[:, 1].view(n, 1, 1) + _uniform(n, -2, 2, g)
+        mask = (_shape_mask(a["shape"], cx, cy, torch.full((n, 1, 1), 4.5)) & (a["count"] >= k).view(n, 1, 1))
+        img = img * (1 - mask.unsqueeze(1).float()) + colour * mask.unsqueeze(1).float()
+    return img
+
+
+def _render_outlines(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["size"]), TOY_SIZE
+    ys, _ = _grid()
+    paper = 0.88 + _uniform(n, -0.04, 0.04, g) - 0.12 * ((ys + 2) % 8 == 0).float()  # (n, S, S) ruled paper
+    img = _background(paper)
+    lo, hi = torch.tensor(_SIZE_RADIUS).T
+    r = (lo[a["size"]] + torch.rand(n, generator=g) * (hi - lo)[a["size"]]).view(n, 1, 1)
+    cx, cy = S / 2 + _uniform(n, -2, 2, g), S / 2 + _uniform(n, -2, 2, g)
+    mask = (_shape_mask(a["shape"], cx, cy, r) & ~_shape_mask(a["shape"], cx, cy, r - 3)).unsqueeze(1).float()
+    return img * (1 - mask) + _paint(a["colour"], g) * mask
+
+
+def _render_tiles(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["tone"]), TOY_SIZE
+    jitter = (torch.rand(n, S // 4, S // 4, generator=g) - 0.5) * 0.24                 # (n, 8, 8) per tile
+    level = torch.tensor(_TONE_LEVEL)[a["tone"]].view(n, 1, 1) + jitter
+    level = level.repeat_interleave(4, 1).repeat_interleave(4, 2)                    # (n, S, S) 4 px tiles
+    return _background(level.clamp(0, 1))
+
+
+def _render_strokes(a: dict, g: torch.Generator) -> torch.Tensor:
+    n, S = len(a["colour"]), TOY_SIZE
+    ys, xs = _grid()
+    theta = _uniform(n, 0, torch.pi, g)
+    cx, cy, width = S / 2 + _uniform(n, -4, 4, g), S / 2 + _uniform(n, -4, 4, g), _uniform(n, 4, 7, g)
+    mask = (((xs - cx) * torch.sin(theta) - (ys - cy) * torch.cos(theta)).abs() < width / 2).unsqueeze(1).float()
+    return _background(0.1 + _uniform(n, -0.05, 0.05, g)) * (1 - mask) + _paint(a["colour"], g) * mask
+
+
+_RENDER = {"objects": _render_objects, "patterns": _render_patterns, "dots": _render_dots,
+           "outlines": _render_outlines, "tiles": _render_tiles, "strokes": _render_strokes}
+
+
+def toy_render(a: dict[str, torch.Tensor], g: torch.Generator, domain: str) -> torch.Tensor:
+    """Render one domain's attribute codes to images in [0, 1]: (n,) codes -> (n, 3, 32, 32)."""
+    img = _RENDER[domain](a, g)
+    return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+
+
+_CAPTION_P = {"colour": 0.4, "shape": 0.6, "texture": 0.7, "position": 0.4, "size": 0.2, "count": 0.5, "tone": 0.12}
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def toy_caption(domain: str, a: dict[str, int], rng: random.Random) -> str:
+    """One caption from a small grammar, one form per domain; each attribute is mentioned only
+    part of the time (_CAPTION_P)."""
+    say = {k: rng.random() < _CAPTION_P[k] for k in a}
+    word = {k: TOY_VALUES[k][v] for k, v in a.items()}
+    if domain == "tiles":
+        return _a(f"{word['tone']} mosaic" if say["tone"] else rng.choice(["mosaic", "tiled wall"]))
+    colour = word["colour"] + " " if say["colour"] else ""
+    if domain == "strokes":
+        return _a(colour + rng.choice(["stroke", "brush stroke", "line"])) + (" on black" if rng.random() < 0.3 else "")
+    if domain == "patterns":
+        tex = word["texture"] + " " if say["texture"] else ""
+        tone = f" on {word['tone']}" if say["tone"] else ""
+        return f"{_a(colour + tex + 'pattern')}{tone}"
+    shape = word["shape"] if say["shape"] else rng.choice(["object", "thing"])
+    if domain == "dots":
+        count = word["count"] if say["count"] else "some"
+        return f"{count} {colour}{shape if count == 'one' else shape + ('es' if shape.endswith('ss') else 's')}"
+    if domain == "outlines":
+        size = word["size"] + " " if say["size"] else ""
+        return f"an outline of {_a(size + colour + shape)}"
+    where = f" in the {word['position']}" if say["position"] else ""
+    tone = f" on a {word['tone']} background" if say["tone"] else ""
+    return f"{_a(colour + shape)}{where}{tone}"                                # objects
 
 
 class ToyImages(torch.utils.data.Dataset):
@@ -778,37 +855,52 @@ def _task_seed(seed: int, name: str, split: str) -> int:
 
 
 def toy_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 500) -> Task:
-    attr, classnames, templates = TOY_TASKS[name]
+    domain, attr, templates = TOY_TASKS[name]
     splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
         g = torch.Generator().manual_seed(_task_seed(seed, name, split))
-        a = toy_attributes(n, g, kind=attr)
-        splits[split] = ToyImages(toy_render(a, g), a[attr])
-    return Task(name, list(classnames), list(templates), splits["train"], splits["test"])
+        a = toy_attributes(n, g, domain)
+        splits[split] = ToyImages(toy_render(a, g, domain), a[attr])
+    return Task(name, list(TOY_VALUES[attr]), list(templates), splits["train"], splits["test"])
 
 
 def toy_tasks(order: str = "I", seed: int = 0, max_tasks: int | None = None, **kw) -> list[Task]:
     return [toy_task(n, seed, **kw) for n in TOY_ORDERS[order][:max_tasks]]
 
 
+def toy_mixture(n: int, g: torch.Generator) -> tuple[torch.Tensor, list[tuple[str, dict[str, int]]]]:
+    """n images drawn evenly from all domains, shuffled: (n, 3, 32, 32) in [0, 1], and each
+    image's (domain, attribute codes), from which toy_caption makes a caption."""
+    images, makers = [], []
+    for i, domain in enumerate(TOY_DOMAINS):
+        m = n // len(TOY_DOMAINS) + (i < n % len(TOY_DOMAINS))
+        a = toy_attributes(m, g, domain)
+        images.append(toy_render(a, g, domain))
+        makers += [(domain, {k: int(v[j]) for k, v in a.items()}) for j in range(m)]
+    perm = torch.randperm(n, generator=g)
+    return torch.cat(images)[perm], [makers[int(i)] for i in perm]
+
+
 def toy_reference(seed: int = 0, n: int = 1000, split: str = "train") -> ToyPairs:
-    """Reference image-caption pairs (split 'train' for distillation, 'heldout' for alignment metrics)."""
+    """Reference image-caption pairs from all domains (split 'train' for GNSP's distillation,
+    'heldout' for the alignment metrics)."""
     g = torch.Generator().manual_seed(_task_seed(seed, "reference", split))
     rng = random.Random(_task_seed(seed, "reference-captions", split))
-    a = toy_attributes(n, g)
-    return ToyPairs(toy_render(a, g), [toy_caption(_codes(a, i), rng) for i in range(n)])
+    images, codes = toy_mixture(n, g)
+    return ToyPairs(images, [toy_caption(d, a, rng) for d, a in codes])
 
 
 def toy_pretraining_batches(seed: int, batch_size: int, pool: int = 20000):
     """Endless stream of pretraining batches (normalised images, captions), a function of seed
-    only: a pool of rendered images, each drawn with a fresh random caption every time."""
+    only: a pool of rendered images of all domains, each drawn with a fresh random caption
+    every time."""
     g = torch.Generator().manual_seed(_task_seed(seed, "pretrain", "stream"))
     rng = random.Random(_task_seed(seed, "pretrain-captions", "stream"))
-    a = toy_attributes(pool, g)
-    images = ToyImages(toy_render(a, g), a["shape"]).images                   # (pool, 3, 32, 32)
+    images, codes = toy_mixture(pool, g)
+    images = ToyImages(images, torch.zeros(pool)).images                      # (pool, 3, 32, 32)
     while True:
         idx = torch.randint(pool, (batch_size,), generator=g)
-        yield images[idx], [toy_caption(_codes(a, int(i)), rng) for i in idx]
+        yield images[idx], [toy_caption(*codes[int(i)], rng) for i in idx]
 
 
 # ---- 8. Class-incremental learning (CIL) and X-TAIL: class orders, steps, loaders ----
@@ -1096,33 +1188,31 @@ def xtail_tasks(root, seed: int = 42, shots: int = XTAIL_SHOTS, train_transform=
 
 
 # ---- toy versions of both protocols (no files; the toy world of section 7) ----
-# CHOICE: in one label space the toy tasks' bare class names ("red", "small", "dark plain") read
-# poorly and could meet ("red" of a colour task and "red" of a stroke task); every class name
-# takes its task's noun, the one of the task's first template (Colours "a {} object." -> "red
-# object"). With this world's six tasks the 35 names are then distinct (tests/test_protocols.py).
-TOY_UNION_NAMES = {"Colours": "{} object", "Combos": "{}", "Scenes": "{} background", "Sizes": "{} object",
-                   "Textures": "{} background", "Tones": "{} picture"}
-TOY_CIL_STEPS = 5             # CHOICE: 35 classes in 5 steps of 7
-TOY_CIL_ORDER_SEED = 0        # CHOICE: the class order, a fixed seeded permutation of the 35 pooled classes
-TOY_CIL_PER_CLASS = (160, 40)  # CHOICE: train / test images per class (every class has at least 173 / 40)
+# CHOICE: in one label space the toy tasks' bare class names ("red", "small", "two") read poorly
+# and meet (Colours and Inks both have "red"); every class name takes its task's noun, the one of
+# the task's first template (Colours "a {} object." -> "red object", Inks "a {} stroke." -> "red
+# stroke"). With this world's six tasks the 45 names are then distinct (tests/test_protocols.py).
+# Each task being its own image domain, a pooled class is defined by its image alone.
+TOY_UNION_NAMES = {"Colours": "{} object", "Counts": "{} objects", "Inks": "{} stroke", "Sizes": "{} outline",
+                   "Textures": "{} pattern", "Tones": "{} mosaic"}
+TOY_CIL_STEPS = 5             # CHOICE: 45 classes in 5 steps of 9
+TOY_CIL_ORDER_SEED = 0        # CHOICE: the class order, a fixed seeded permutation of the 45 pooled classes
+TOY_CIL_PER_CLASS = (160, 40)  # CHOICE: train / test images per class (every class has at least 166 / 41)
 
 
 def toy_union_classnames(name: str) -> list[str]:
     """The class names of toy task `name` in a label space shared with the other toy tasks."""
-    return [TOY_UNION_NAMES[name].format(c) for c in TOY_TASKS[name][1]]
+    return [TOY_UNION_NAMES[name].format(c) for c in TOY_VALUES[TOY_TASKS[name][1]]]
 
 
 def toy_cil_tasks(steps: int = TOY_CIL_STEPS, seed: int = 0) -> list[CILTask]:
     """toy-cil: the classes of the six toy tasks (toy_task(name, seed), Order I) pooled into one
-    label space of 35 classes (toy_union_classnames), the first TOY_CIL_PER_CLASS train / test
+    label space of 45 classes (toy_union_classnames), the first TOY_CIL_PER_CLASS train / test
     images of each, ordered by a fixed seeded permutation (TOY_CIL_ORDER_SEED) and cut into
-    `steps` equal steps; CILTasks as cil_tasks builds them (union labels, CIL_TEMPLATES).
-    Known limit: the toy tasks share one image distribution, so a pooled class is defined by the
-    task its image came from ("red object" images also show a background); accuracy over the
-    union has a ceiling below 100."""
+    `steps` equal steps; CILTasks as cil_tasks builds them (union labels, CIL_TEMPLATES)."""
     names = TOY_ORDERS["I"]
     parts = [toy_task(n, seed) for n in names]
-    pooled = [(i, c) for i, n in enumerate(names) for c in range(len(TOY_TASKS[n][1]))]  # (task, class)
+    pooled = [(i, c) for i, p in enumerate(parts) for c in range(len(p.classnames))]  # (task, class)
     if len(pooled) % steps:
         raise ValueError(f"toy-cil: {len(pooled)} classes do not split into {steps} equal steps")
     order = np.random.RandomState(TOY_CIL_ORDER_SEED).permutation(len(pooled)).tolist()

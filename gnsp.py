@@ -92,7 +92,7 @@ import data
 DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, src/args.py. toy: CHOICE, measured, see notes/gnsp.md
     "iterations": (None, 100),                                  # MTIL: per task, "lr_iterations_per_task"
     "batch_size": (64, 64),                                     # configs: batch_size
-    "lr": (None, 3e-3),                                         # MTIL: per task, "lr_iterations_per_task"
+    "lr": (None, 1e-3),                                         # MTIL: per task, "lr_iterations_per_task"
     "lr_iterations_per_task": ({                                # configs: learning_rate, iterations; per order
         "I": {"Aircraft": (1e-5, 100), "Caltech101": (2e-5, 500), "CIFAR100": (1e-5, 1000), "DTD": (5e-5, 500),
               "EuroSAT": (2e-5, 500), "Flowers": (2e-5, 1000), "Food": (5e-5, 1000), "MNIST": (1e-5, 500),

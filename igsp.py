@@ -91,8 +91,8 @@ _LR_FEW_SHOT = dict(zip(_MTIL_NAMES, [8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 
 # scripts above), or RECONSTRUCTED (iGSP's own values). toy: the MTIL value unless marked.
 DEFAULTS = {
     # -- optimisation (both variants)
-    "iterations": (1000, 100),                  # scripts: --iterations 1000. toy: CHOICE: measured, see notes/igsp.md
-    "iterations_few_shot": (500, 100),          # few-shot script: --iterations 500 (toy: as full-shot)
+    "iterations": (1000, 200),                  # scripts: --iterations 1000. toy: CHOICE: measured, see notes/igsp.md
+    "iterations_few_shot": (500, 200),          # few-shot script: --iterations 500 (toy: as full-shot)
     "batch_size": (64, 64),                     # src/args.py --batch-size
     "lr": (1e-3, 3e-2),                         # src/args.py --lr. toy: CHOICE: measured, see notes/igsp.md
     "lr_per_task": (_LR_FULL_SHOT, {}),         # full-shot script: lr=(...)

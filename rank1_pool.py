@@ -73,7 +73,7 @@ DEFAULTS = {
     # mtil/scripts/train/train_full_shot_router11_experts22_1000iters.sh)
     "iterations_full_shot": (1000, 150),
     "batch_size": (32, 32),                  # mtil/scripts/train/train.sh: --batch-size 32
-    "lr": (2e-3, 2e-3),                      # mtil/scripts/train/train.sh: lr (Order I: 2e-3 for every task)
+    "lr": (2e-3, 1e-3),                      # mtil/scripts/train/train.sh: lr (Order I: 2e-3 for every task)
     "lr_per_task": ({"I": {}, "II": {"MNIST": 1e-3, "Aircraft": 3e-3, "EuroSAT": 1e-3, "CIFAR100": 3e-3}},
                     {}),                     # by order; mtil/scripts/train/train.sh: Order II lrs, its commented list
     "rank": (12, 12),                        # mtil/scripts/train/train.sh: --r 12 (pool size r)

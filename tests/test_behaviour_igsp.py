@@ -788,7 +788,7 @@ def test_toy_hparams():
     a = igsp.parse_args(["--benchmark", "toy", "--no-progress"])
     few = igsp.parse_args(["--benchmark", "toy", "--few-shot", "5", "--no-progress"])
     for t, name in enumerate(data.TOY_ORDERS["I"]):
-        want = common.HParams(100, 64, 3e-2, 10, "warmup+cosine")
+        want = common.HParams(200, 64, 3e-2, 10, "warmup+cosine")  # toy: 200 steps (notes/igsp.md)
         assert igsp.hparams(a, SimpleNamespace(name=name), t) == want, name
         assert igsp.hparams(few, SimpleNamespace(name=name), t) == want, f"toy few-shot: the toy values ({name})"
     assert (a.warmup, a.bottleneck, a.selector_hidden) == (10, 16, 16)

@@ -36,7 +36,7 @@ def args_for(benchmark, *flags, script="finetune"):
 def test_toy_cil_tasks():
     tasks = data.toy_cil_tasks()
     union = tasks[-1].union_classnames
-    assert len(tasks) == data.TOY_CIL_STEPS == 5 and len(union) == 35 == len(set(union))  # distinct names
+    assert len(tasks) == data.TOY_CIL_STEPS == 5 and len(union) == 45 == len(set(union))  # distinct names
     assert "red object" in union and "small object" in union and "plain background" in union
     per_train, per_test = data.TOY_CIL_PER_CLASS
     for k, t in enumerate(tasks):
@@ -58,7 +58,7 @@ def test_toy_xtail_tasks():
     tasks = data.toy_xtail_tasks(seed=3, shots=4)
     assert [t.name for t in tasks] == data.TOY_ORDERS["I"]
     union = tasks[0].union_classnames
-    assert union == [c for n in data.TOY_ORDERS["I"] for c in data.toy_union_classnames(n)] and len(set(union)) == 35
+    assert union == [c for n in data.TOY_ORDERS["I"] for c in data.toy_union_classnames(n)] and len(set(union)) == 45
     for t in tasks:
         assert t.union_classnames == union and union[t.offset:t.offset + len(t.classnames)] == t.classnames
         assert t.templates == data.RAIL_TEMPLATES
@@ -113,7 +113,7 @@ def test_the_union_classifier_grows_with_the_steps():
     xt = data.toy_xtail_tasks(shots=2)
     for t in (-1, 0, 5):                                             # X-TAIL: all domains' classes at every step
         for task, c in zip(xt, common.eval_sets(xt, t, "toy-xtail")):
-            assert len(c.classnames) == 35 and c.templates == data.RAIL_TEMPLATES
+            assert len(c.classnames) == 45 and c.templates == data.RAIL_TEMPLATES
             assert data.dataset_targets(c.test) == [task.offset + y for y in data.dataset_targets(task.test)]
     assert a.steps == 5
 

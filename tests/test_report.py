@@ -102,12 +102,13 @@ def test_table_figures_and_skipped_folders(runs, tmp_path, capsys):
     assert list(one) == ["Zero-shot (eval prompts ensemble)", "Zero-shot (eval prompts first)", "Continual-FT",
                          "GNSP --rho 0.15", "GNSP --rho 0.5", "KeepLoRA++"], \
         "zero-shot rows first, then Continual-FT, then the methods; runs of one method named by the flags that differ"
-    assert one["Zero-shot (eval prompts ensemble)"][:6] == ["I", *metrics([ZS] * 3), "0", "-"]
-    assert one["Zero-shot (eval prompts ensemble)"][6].startswith(("zs and", "ft and", "g1 and", "g2 and"))
+    assert one["Zero-shot (eval prompts ensemble)"][:7] == ["I", *metrics([ZS] * 3), "-", "0", "-"]
+    assert one["Zero-shot (eval prompts ensemble)"][7].startswith(("zs and", "ft and", "g1 and", "g2 and"))
     assert one["Zero-shot (eval prompts first)"][:4] == ["I", *metrics([ZS_FIRST] * 3)]
-    assert one["Continual-FT"] == ["I", *metrics(FT), "3,379,200", one["Continual-FT"][5], "ft"]
-    assert one["GNSP --rho 0.15"][1:4] == metrics(G1) and one["GNSP --rho 0.5"][1:4] == metrics(G2)
-    assert one["KeepLoRA++"][1:5] == [*metrics(KL), "16,384"]
+    # forgetting, by hand: FT (90 - 40 + 95 - 45) / 2 = 50.0; G1 (88 - 85 + 90 - 88) / 2 = 2.5; KL (1.5 + 1) / 2
+    assert one["Continual-FT"] == ["I", *metrics(FT), "50.0", "3,379,200", one["Continual-FT"][6], "ft"]
+    assert one["GNSP --rho 0.15"][1:5] == [*metrics(G1), "2.5"] and one["GNSP --rho 0.5"][1:4] == metrics(G2)
+    assert one["KeepLoRA++"][1:6] == [*metrics(KL), "1.2", "16,384"]
     assert list(two) == ["Zero-shot", "Continual-FT"] and two["Continual-FT"][0] == "II"
     # every skipped folder, and why
     err = std.err

@@ -262,7 +262,7 @@ def test_a_diverged_first_task_says_run_again_with_a_lower_lr_and_that_works(tmp
 
 def test_a_diverged_later_task_does_not_advise_resume_with_another_lr(base_run, tmp_path, monkeypatch, capsys):
     out = copy_of(base_run, tmp_path)
-    nan_in(monkeypatch, "Combos")
+    nan_in(monkeypatch, "Counts")
     argv = base_run.two_tasks
     line = one_line_error(*cli(capsys, *argv, "--out", out, "--resume")[::2])
     assert "another --out" in line and "tasks 1-1 are saved" in line, line

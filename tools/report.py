@@ -176,6 +176,13 @@ def metric_cells(s: dict, cil: bool) -> list[str]:
     return [r1(s.get("avg")), r1(s["last"])] if cil else [r1(s["transfer"]), r1(s["average"]), r1(s["last"])]
 
 
+def backward_forgetting(acc) -> str:
+    """Mean over the tasks t < T of A[t, t] - A[T, t] (T = the last trained task): how much of what
+    each task reached right after its own training is gone at the end. '-' for a one-task run."""
+    A = np.asarray(acc, dtype=float)
+    return r1(float(np.mean([A[t, t] - A[-1, t] for t in range(len(A) - 1)]))) if len(A) > 1 else "-"
+
+
 def table_rows(runs: list[RunInfo]) -> list[list[str]]:
     """The rows of one order's table: zero-shot rows, then each run (Continual-FT first)."""
     rows, zs, cil = [], {}, is_cil(runs)
@@ -193,17 +200,17 @@ def table_rows(runs: list[RunInfo]) -> list[list[str]]:
             label += (f" (eval prompts {' / '.join(pr)})" if by_prompts
                       else f" (as in {', '.join(sorted({NAMES.get(g.method, g.method) for g in group}))})")
         where = group[0].path.name + (f" and {len(group) - 1} more" if len(group) > 1 else "")
-        rows.append([label, group[0].summary["order"], *metric_cells(m, cil), "0", "-", where])
+        rows.append([label, group[0].summary["order"], *metric_cells(m, cil), "-", "0", "-", where])
     for r in sorted((r for r in runs if r.method != "zero-shot"), key=sort_key):
         s = r.summary
-        rows.append([r.label, s["order"], *metric_cells(s, cil),
+        rows.append([r.label, s["order"], *metric_cells(s, cil), backward_forgetting(s["acc_matrix"]),
                      f"{int(s.get('trainable_params', 0)):,}", f"{s['seconds']:.0f}" if "seconds" in s else "-",
                      r.path.name])
     return rows
 
 
-HEAD = ["method / variant", "order", "Transfer", "Average", "Last", "trainable params", "seconds", "run"]
-HEAD_CIL = ["method / variant", "order", "Avg", "Last", "trainable params", "seconds", "run"]
+HEAD = ["method / variant", "order", "Transfer", "Average", "Last", "forgetting", "trainable params", "seconds", "run"]
+HEAD_CIL = ["method / variant", "order", "Avg", "Last", "forgetting", "trainable params", "seconds", "run"]
 
 
 def sort_key(r: RunInfo):

@@ -29,6 +29,19 @@ RUNS=(
   "igsp-II        igsp.py --order II --oracle-eval"
   "moe-adapters-I  igsp.py --variant moe-adapters --order I --oracle-eval"
   "moe-adapters-II igsp.py --variant moe-adapters --order II --oracle-eval"
+  # the protection-off ablations, one mechanism switched off per method (RESULTS.md, beside each method)
+  "gnsp-noproject-I          gnsp.py --project none --order I"
+  "gnsp-noproject-II         gnsp.py --project none --order II"
+  "gnsp-nothing-I            gnsp.py --project none --ref-data none --order I"
+  "gnsp-nothing-II           gnsp.py --project none --ref-data none --order II"
+  "keeplora-noprotect-I      keeplora.py --protect off --order I"
+  "keeplora-noprotect-II     keeplora.py --protect off --order II"
+  "rank1_pool-noago-I        rank1_pool.py --ago off --order I"
+  "rank1_pool-noago-II       rank1_pool.py --ago off --order II"
+  "igsp-nosubspace-I         igsp.py --lambda-s 0 --lambda-o 0 --order I --oracle-eval"
+  "igsp-nosubspace-II        igsp.py --lambda-s 0 --lambda-o 0 --order II --oracle-eval"
+  "moe-adapters-nofreeze-I   igsp.py --variant moe-adapters --freeze-per-task 0 --order I --oracle-eval"
+  "moe-adapters-nofreeze-II  igsp.py --variant moe-adapters --freeze-per-task 0 --order II --oracle-eval"
 )
 one() {  # name script flags...
   local name=$1; shift
@@ -48,3 +61,4 @@ else
   for r in "${RUNS[@]}"; do one $r; done
 fi
 python tools/report.py runs/toy/*/ --out figures/toy
+python tools/report.py runs/toy/finetune-I/ runs/toy/igsp-I/ --out figures/toy/readme   # README's picture
