@@ -37,12 +37,12 @@ def test_toy_cil_tasks():
     tasks = data.toy_cil_tasks()
     union = tasks[-1].union_classnames
     assert len(tasks) == data.TOY_CIL_STEPS == 5 and len(union) == 45 == len(set(union))  # distinct names
-    assert "red object" in union and "small object" in union and "plain background" in union
+    assert "red object" in union and "red stroke" in union and "small outline" in union and "two objects" in union
     per_train, per_test = data.TOY_CIL_PER_CLASS
     for k, t in enumerate(tasks):
-        assert t.new_start == 7 * k and t.union_classnames == union[:7 * (k + 1)] and t.templates == data.CIL_TEMPLATES
-        assert np.bincount(data.dataset_targets(t.train)).tolist() == [0] * (7 * k) + [per_train] * 7
-        assert np.bincount(data.dataset_targets(t.test)).tolist() == [per_test] * (7 * (k + 1))
+        assert t.new_start == 9 * k and t.union_classnames == union[:9 * (k + 1)] and t.templates == data.CIL_TEMPLATES
+        assert np.bincount(data.dataset_targets(t.train)).tolist() == [0] * (9 * k) + [per_train] * 9
+        assert np.bincount(data.dataset_targets(t.test)).tolist() == [per_test] * (9 * (k + 1))
     assert data.toy_cil_tasks()[-1].union_classnames == union                  # a fixed order
     # the image of a pooled class is its task's image of that class
     colours = data.toy_task("Colours")
@@ -50,8 +50,8 @@ def test_toy_cil_tasks():
     x, y = tasks[-1].test[data.dataset_targets(tasks[-1].test).index(red)]
     assert y == red and any(torch.equal(x, colours.test[i][0]) for i in range(len(colours.test)))
     step = data.new_classes_only(tasks[2])   # what a step trains: its new classes, labels from 0
-    assert step.classnames == union[14:21] and sorted(set(data.dataset_targets(step.train))) == list(range(7))
-    assert step.union_classnames == union[:21] and step.test is tasks[2].test
+    assert step.classnames == union[18:27] and sorted(set(data.dataset_targets(step.train))) == list(range(9))
+    assert step.union_classnames == union[:27] and step.test is tasks[2].test
 
 
 def test_toy_xtail_tasks():
@@ -108,8 +108,8 @@ def test_the_union_classifier_grows_with_the_steps():
         k = t if t >= 0 else 4                                       # zero-shot row: every class
         assert all(c is None for c in cols[k + 1:])
         for j, c in enumerate(cols[:k + 1]):
-            assert c.classnames == tasks[k].union_classnames and len(c.classnames) == 7 * (k + 1)
-            assert sorted(set(data.dataset_targets(c.test))) == list(range(7 * j, 7 * (j + 1)))
+            assert c.classnames == tasks[k].union_classnames and len(c.classnames) == 9 * (k + 1)
+            assert sorted(set(data.dataset_targets(c.test))) == list(range(9 * j, 9 * (j + 1)))
     xt = data.toy_xtail_tasks(shots=2)
     for t in (-1, 0, 5):                                             # X-TAIL: all domains' classes at every step
         for task, c in zip(xt, common.eval_sets(xt, t, "toy-xtail")):
@@ -154,7 +154,7 @@ def test_a_cil_row_is_the_sources_pooled_accuracy(tiny_clip):
                                                   tasks[1].test), CPU)
     assert math.isnan(row[2]) and common.cil_metrics([row], [*common.cil_group_sizes(tasks)])["cil_acc"] != []
     sizes = common.cil_group_sizes(tasks)
-    assert sizes == [280] * 5
+    assert sizes == [9 * data.TOY_CIL_PER_CLASS[1]] * 5
     assert (row[0] * sizes[0] + row[1] * sizes[1]) / (sizes[0] + sizes[1]) == pytest.approx(pooled)
 
 
