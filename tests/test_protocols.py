@@ -174,20 +174,8 @@ def check_cil_summary(s, steps, done):
     assert s["transfer"] is None and s["average"] is None and 0 <= s["zero_shot_metrics"]["last"] <= 100
 
 
-def test_finetune_toy_cil_and_toy_xtail(tmp_path, toy_weights):
+def test_finetune_toy_xtail(tmp_path, toy_weights):
     import finetune
-    finetune.main(["--benchmark", "toy-cil", "--pretrained", str(toy_weights), "--iterations", "2", "--max-tasks", "3",
-                   "--align-n", "0", "--no-progress", "--out", str(tmp_path / "cil")])
-    s = json.loads((tmp_path / "cil" / "summary.json").read_text())
-    check_cil_summary(s, 5, 3)
-    assert s["datasets"] == [f"toy-cil-step{k}" for k in range(1, 6)] and not s["complete"]
-    csv = (tmp_path / "cil" / "acc_matrix.csv").read_text().splitlines()
-    assert csv[1].endswith(",,,,") and (tmp_path / "cil" / "acc_matrix.png").is_file()
-    report = _report_tool()                                          # tools/report.py reads CIL runs too
-    assert report.main([str(tmp_path / "cil"), "--partial", "--out", str(tmp_path / "rep")]) == 0
-    md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| method / variant | order | Avg | Last |" in md and "Transfer" not in md
-    assert (tmp_path / "rep" / "acc_matrices.png").is_file() and (tmp_path / "rep" / "acc_curves.png").is_file()
     finetune.main(["--benchmark", "toy-xtail", "--pretrained", str(toy_weights), "--iterations", "2",
                    "--max-tasks", "2", "--align-n", "0", "--no-progress", "--out", str(tmp_path / "xt")])
     s = json.loads((tmp_path / "xt" / "summary.json").read_text())
@@ -207,11 +195,21 @@ def _report_tool():
 
 
 def test_sigkill_mid_protocol_then_resume_equals_uninterrupted(tmp_path, toy_weights):
-    flags = ["--benchmark", "toy-cil", "--pretrained", str(toy_weights), "--iterations", "15", "--max-tasks", "3",
+    flags = ["--benchmark", "toy-cil", "--pretrained", str(toy_weights), "--iterations", "6", "--max-tasks", "2",
              "--align-n", "0", "--no-progress"]
     a = run_script("finetune.py", *flags, "--out", tmp_path / "a")
     assert a.returncode == 0, a.stderr
     assert "Avg " in a.stdout and "Last " in a.stdout and "Transfer" not in a.stdout
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    check_cil_summary(s, 5, 2)
+    assert s["datasets"] == [f"toy-cil-step{k}" for k in range(1, 6)] and not s["complete"]
+    csv = (tmp_path / "a" / "acc_matrix.csv").read_text().splitlines()
+    assert csv[1].endswith(",,,,") and (tmp_path / "a" / "acc_matrix.png").is_file()
+    report = _report_tool()                                          # tools/report.py reads CIL runs too
+    assert report.main([str(tmp_path / "a"), "--partial", "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| method / variant | order | Avg | Last |" in md and "Transfer" not in md
+    assert (tmp_path / "rep" / "acc_matrices.png").is_file() and (tmp_path / "rep" / "acc_curves.png").is_file()
     out = tmp_path / "b"
     p = subprocess.Popen([sys.executable, "finetune.py", *flags, "--out", str(out)], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,7 +219,7 @@ def test_sigkill_mid_protocol_then_resume_equals_uninterrupted(tmp_path, toy_wei
     time.sleep(0.2)                      # now inside step 2
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert 1 <= len(json.loads((out / "summary.json").read_text())["acc_matrix"]) < 3
+    assert len(json.loads((out / "summary.json").read_text())["acc_matrix"]) == 1     # step 1 done, step 2 not
     b = run_script("finetune.py", *flags, "--out", out, "--resume")
     assert b.returncode == 0, b.stderr
 
