@@ -43,9 +43,12 @@ def test_toy_cil(method, tmp_path, toy_weights):
     check_cil(s, method, 5)
     assert s["datasets"] == [f"toy-cil-step{k}" for k in range(1, 6)]
     assert cfg["args"]["few_shot"] == 0
-    if method in ("igsp", "moe-adapters"):                           # the selector routes among the steps
+    if method == "igsp":                                             # the selector routes among the steps
         assert 0 <= s["selector_acc_seen"][-1] <= 100 and s["selector_fallback_unseen"][-1] is None
         assert len(s["acc_oracle"]) == 2 and s["acc_oracle"][0][1] is None
+    if method == "moe-adapters":                                     # cil/'s module: one router, no selector
+        assert cfg["args"]["routers"] == "shared" and cfg["args"]["experts"] == 2
+        assert s["selector_acc_seen"] == [None, None] and "acc_oracle" not in s
 
 
 @pytest.mark.parametrize("method", METHODS)
