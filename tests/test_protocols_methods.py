@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import data
+import fake_mtil
 from fake_mtil import skip_md5_checks, write_fake_imagenet
-from test_data_protocols import write_fake_cifar100
+from test_data_protocols import write_fake_cifar100, write_fake_tinyimagenet
 
 # each method's flags that keep a toy task to a few seconds (its own passes over the data)
 FAST = {"gnsp": ["--ref-n", "16", "--gram-batches", "2"],
@@ -77,6 +78,39 @@ def test_fake_cifar100(method, cifar_root, tmp_path, toy_weights):
                      "--workers", "0")
     check_cil(s, method, 20)
     assert len(s["datasets"]) == 20 and cfg["per_task"][0]["batch_size"] == 4
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory):
+    """Fake TinyImageNet and the 10 X-TAIL domains (MTIL's builders), with ImageNet for GNSP."""
+    root = tmp_path_factory.mktemp("real")
+    write_fake_tinyimagenet(root)
+    fake_mtil.write_fake_mtil(root, data.XTAIL_DOMAINS)
+    write_fake_imagenet(root, per_class=12)
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fake_tinyimagenet(method, real_root, tmp_path, toy_weights):
+    """100 base classes, then 5 steps of 20: the base step and one increment, over 120 classes."""
+    with skip_md5_checks():
+        s, cfg = run(method, tmp_path / "o", "--benchmark", "cil-tinyimagenet", "--steps", "5", "--data-root",
+                     str(real_root), "--model", "toy-tiny", "--pretrained", str(toy_weights), "--batch-size", "4",
+                     "--workers", "0")
+    check_cil(s, method, 5)
+    assert len(s["datasets"]) == 6 and cfg["per_task"][0]["batch_size"] == 4
+
+
+@pytest.mark.skipif(not fake_mtil.HAS_SCIPY, reason="the fake Flowers and StanfordCars need scipy (.mat files)")
+@pytest.mark.parametrize("method", METHODS)
+def test_fake_xtail(method, real_root, tmp_path, toy_weights):
+    """The 10 domains' builders, 16 shots, every test image over the union of all 10 domains."""
+    with skip_md5_checks():
+        s, cfg = run(method, tmp_path / "o", "--benchmark", "xtail", "--data-root", str(real_root), "--model",
+                     "toy-tiny", "--pretrained", str(toy_weights), "--batch-size", "4", "--workers", "0")
+    assert s["method"] == NAME.get(method, method) and s["datasets"] == data.XTAIL_DOMAINS
+    assert len(s["acc_matrix"]) == 2 and all(len(row) == 10 and all(0 <= v <= 100 for v in row) for row in s["acc_matrix"])
+    assert s["transfer"] is not None and cfg["args"]["few_shot"] == 16
 
 
 def test_protocol_budgets_per_method():
