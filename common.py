@@ -102,7 +102,8 @@ def _main_with_messages(main: Callable[[list[str] | None], None], argv: list[str
     try:
         main(argv)
     except (UserError, data.MissingDataError) as e:
-        hint = ("\n(no data at hand? every script also runs offline on the toy benchmark: --benchmark toy)"
+        hint = ("\n(no data at hand? every script also runs offline on the toy benchmark: --benchmark toy, "
+                "and the toy versions of CIL and X-TAIL: toy-cil, toy-xtail)"
                 if isinstance(e, data.MissingDataError) else "")
         _release_claims(failed=True)
         print(f"error: {e}{hint}", file=sys.stderr)
@@ -141,7 +142,13 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(prog=f"{method}.py", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("common")
-    g.add_argument("--benchmark", choices=["mtil", "toy"], default="mtil")
+    g.add_argument("--benchmark", choices=BENCHMARKS, default="mtil",
+                   help="mtil / toy (task-incremental, one head per dataset); cil-cifar100, cil-tinyimagenet, "
+                        "toy-cil (class-incremental: steps of new classes, one head over the classes seen); "
+                        "xtail, toy-xtail (domains in turn, one head over every domain's classes)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="CIL steps: cil-cifar100 10 | 20 | 50, cil-tinyimagenet 5 | 10 | 20 after 100 base "
+                        f"classes (default 10 for both), toy-cil {data.TOY_CIL_STEPS}")
     g.add_argument("--order", choices=["I", "II"], default="I")
     g.add_argument("--data-root", default=os.environ.get("MTIL_DATA", "./data"))
     g.add_argument("--model", default=None,
@@ -149,7 +156,8 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--pretrained", default=None,
                    help="open_clip tag or a local weights file (default: openai for mtil, the "
                         "cached toy pretraining for toy; 'none' = random init)")
-    g.add_argument("--few-shot", type=int, default=0, help="K images per class; 0 = full data")
+    g.add_argument("--few-shot", type=int, default=None,
+                   help=f"K images per class; 0 = full data (default 0; X-TAIL: {data.XTAIL_SHOTS}, its shots)")
     g.add_argument("--iterations", type=int, default=None, help="steps per task (default: paper)")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="one lr for every task (default: paper)")
@@ -181,28 +189,70 @@ def common_parser(method: str, doc: str | None = None) -> argparse.ArgumentParse
 # the common flags that are resolved per task by each script's `hparams` (not by finalize_args)
 PER_TASK_FLAGS = ("iterations", "batch_size", "lr")
 
-def finalize_args(args: argparse.Namespace, method: str, defaults: dict) -> argparse.Namespace:
+# ---- the benchmarks: MTIL and the two protocols without task identity (notes/protocols.md) ----
+# protocol "mtil": one head per dataset, the task id known (ZSCL); "cil": a dataset cut into steps of
+# new classes, one head over every class seen so far (MoE-Adapters' cil/); "xtail": domains in turn,
+# one head over the classes of all domains (RAIL). Each has a real and a toy benchmark.
+BENCHMARKS = ["mtil", "toy", "cil-cifar100", "cil-tinyimagenet", "xtail", "toy-cil", "toy-xtail"]
+_PROTOCOL = {"mtil": "mtil", "toy": "mtil", "cil-cifar100": "cil", "cil-tinyimagenet": "cil", "toy-cil": "cil",
+             "xtail": "xtail", "toy-xtail": "xtail"}
+CIL_DEFAULT_STEPS = {"cil-cifar100": 10, "cil-tinyimagenet": 10, "toy-cil": data.TOY_CIL_STEPS}  # CHOICE: 10
+
+def protocol(benchmark: str) -> str:
+    """mtil | cil | xtail: how a benchmark's tasks are trained and tested."""
+    return _PROTOCOL[benchmark]
+
+def is_toy(benchmark: str) -> bool:
+    """The toy world's benchmarks (toy, toy-cil, toy-xtail): the tiny CLIP, no files."""
+    return benchmark.startswith("toy")
+
+def protocol_key(args) -> str:
+    """The key of a script's PROTOCOL_DEFAULTS for this run: "cil" (both real CIL datasets),
+    "xtail", "toy-cil", "toy-xtail"; "mtil" / "toy" have no overrides."""
+    return "cil" if args.benchmark.startswith("cil-") else args.benchmark
+
+# Values a PROTOCOL_DEFAULTS entry may take, resolved here (defaults_for):
+EPOCH = "epoch"        # "iterations": one pass over the task's training set, ceil(N / batch) + 1 steps
+                       # (MoE-Adapters cil/continual_clip/models.py:ClassIncremental.train loops over
+                       # range(total_iterations + 1): one batch more than an epoch)
+CIL_BATCH = "cil"      # "batch_size": the CIL config's batch size (data.CIL_BATCH_SIZE; toy-cil: 64)
+# What every script takes on a protocol before its own overrides: the protocol's own settings.
+PROTOCOL_COMMON = {"cil": {"few_shot": 0}, "toy-cil": {"few_shot": 0},
+                   "xtail": {"few_shot": data.XTAIL_SHOTS}, "toy-xtail": {"few_shot": data.XTAIL_SHOTS}}
+
+def epoch_iterations(task, batch_size: int) -> int:
+    """One epoch of the task's training set as MoE-Adapters' cil loop counts it: ceil(N / B) + 1."""
+    return math.ceil(len(task.train) / batch_size) + 1
+
+def finalize_args(args: argparse.Namespace, method: str, defaults: dict,
+                  protocols: dict | None = None) -> argparse.Namespace:
     """Fill every default and validate numbers (one-line errors). `defaults` is the script's
     DEFAULTS table, name -> (MTIL value, toy value): each flag the user did not give (None, or
     `official` for --amp / --eval-prompts) takes its benchmark's value, so config.json records
-    what the run used. --iterations / --batch-size / --lr stay None unless given: the script's
-    `hparams(args, task, t)` resolves them per task (config.json "per_task")."""
+    what the run used. `protocols`: the script's PROTOCOL_DEFAULTS (defaults_for). --iterations /
+    --batch-size / --lr stay None unless given: the script's `hparams(args, task, t)` resolves them
+    per task (config.json "per_task")."""
     args.method = method
+    check_benchmark(args)
+    toy = is_toy(args.benchmark)
     if args.model is None:
-        args.model = "ViT-B-16" if args.benchmark == "mtil" else TOY_MODEL
+        args.model = TOY_MODEL if toy else "ViT-B-16"
     if args.pretrained is None:
-        args.pretrained = "openai" if args.benchmark == "mtil" else "toy"
+        args.pretrained = "toy" if toy else "openai"
     if args.workers is None:
-        args.workers = default_workers() if args.benchmark == "mtil" else 0
+        args.workers = 0 if toy else default_workers()
     if args.out is None:
-        args.out = f"runs/{method}-{args.benchmark}-order{args.order}-seed{args.seed}"
+        steps = f"-{args.steps}steps" if args.steps else ""
+        args.out = f"runs/{method}-{args.benchmark}{steps}-order{args.order}-seed{args.seed}"
     check_model_and_weights(args.model, args.pretrained)
-    col = defaults_for(args, defaults)
+    col = defaults_for(args, defaults, protocols)
     for name, value in col.items():
         if name in PER_TASK_FLAGS or not hasattr(args, name):
             continue
         if getattr(args, name) is None or (name in ("amp", "eval_prompts") and getattr(args, name) == "official"):
             setattr(args, name, value)
+    if args.few_shot is None:
+        args.few_shot = 0
     for name in ("iterations", "batch_size", "max_tasks", "few_shot", "workers", "eval_batch_size", "align_n"):
         v = getattr(args, name)
         zero_ok = name in ("few_shot", "workers", "align_n")
@@ -245,10 +295,40 @@ def check_model_and_weights(name: str, pretrained: str | None) -> None:
         raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag of {name} (its tags: "
                         f"{', '.join(tags) or 'none'})")
 
-def defaults_for(args: argparse.Namespace, defaults: dict) -> dict:
-    """This run's column of a DEFAULTS table (name -> (MTIL, toy)): name -> value."""
-    col = 0 if args.benchmark == "mtil" else 1
-    return {name: values[col] for name, values in defaults.items()}
+def check_benchmark(args) -> None:
+    """--steps and --order against --benchmark (one-line errors); fills the default --steps."""
+    if protocol(args.benchmark) != "cil":
+        if args.steps is not None:
+            raise UserError(f"--steps is for the class-incremental benchmarks (cil-cifar100, cil-tinyimagenet, "
+                            f"toy-cil), not --benchmark {args.benchmark}")
+    else:
+        args.steps = args.steps or CIL_DEFAULT_STEPS[args.benchmark]
+        allowed = sorted(data.CIL_STEPS[args.benchmark]) if args.benchmark in data.CIL_STEPS else [data.TOY_CIL_STEPS]
+        if args.steps not in allowed:
+            raise UserError(f"--benchmark {args.benchmark} runs in {' | '.join(map(str, allowed))} steps, "
+                            f"not --steps {args.steps}")
+    if protocol(args.benchmark) != "mtil" and args.order != "I":
+        raise UserError(f"--benchmark {args.benchmark} has one order (its source's); --order II is for mtil and toy")
+
+def defaults_for(args: argparse.Namespace, defaults: dict, protocols: dict | None = None, task=None) -> dict:
+    """This run's defaults: the column of a DEFAULTS table (name -> (MTIL, toy); the real CIL and
+    X-TAIL benchmarks read the MTIL column, toy-cil and toy-xtail the toy one), updated by the
+    protocol's own settings (PROTOCOL_COMMON) and then by the script's `protocols`
+    (PROTOCOL_DEFAULTS: protocol_key -> {name: value}; a key "<protocol_key>:<variant>" applies to
+    that --variant only). CIL_BATCH is resolved here; EPOCH too when `task` is given (its
+    training set, at the run's batch size)."""
+    col = 1 if is_toy(args.benchmark) else 0
+    d = {name: values[col] for name, values in defaults.items()}
+    key = protocol_key(args)
+    for k in (key, f"{key}:{getattr(args, 'variant', None)}"):
+        d.update(PROTOCOL_COMMON.get(k, {}))
+        d.update((protocols or {}).get(k, {}))
+    if d.get("batch_size") == CIL_BATCH:
+        d["batch_size"] = data.CIL_BATCH_SIZE.get(args.benchmark, {}).get(args.steps, 64)
+    for name, value in d.items():                # "iterations" and the like ("iterations_full_shot")
+        if value == EPOCH and name.startswith("iterations") and task is not None:
+            d[name] = epoch_iterations(task, args.batch_size or d["batch_size"])
+    return d
 
 @dataclass(frozen=True)
 class HParams:
@@ -278,13 +358,21 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
     return dev
 
-def check_data(args) -> None:
-    """Fail early (before loading any model) when MTIL data is missing: exit 2 with the list."""
+def missing_data(args) -> list[tuple[str, str, str]]:
+    """(name, expected path, how to get it) of every dataset the benchmark needs and lacks."""
     if args.benchmark == "mtil":
-        names = data.MTIL_ORDERS[args.order]  # every dataset is evaluated, even with --max-tasks
-        missing = data.mtil_missing(args.data_root, names)
-        if missing:
-            raise data.MissingDataError(missing)
+        return data.mtil_missing(args.data_root, data.MTIL_ORDERS[args.order])  # all evaluated, even with --max-tasks
+    if args.benchmark == "xtail":
+        return data.mtil_missing(args.data_root, data.XTAIL_DOMAINS)         # the union needs every domain
+    if args.benchmark in data.CIL_DATASETS:
+        return data.cil_missing(args.data_root, [args.benchmark])
+    return []
+
+def check_data(args) -> None:
+    """Fail early (before loading any model) when data is missing: exit 2 with the list."""
+    missing = missing_data(args)
+    if missing:
+        raise data.MissingDataError(missing)
 
 def load_tasks(args, model: ClipView, train_transform: str = "train", few_shot_once: bool = False) -> list:
     """All the benchmark's tasks in training order, test splits with the eval transform, few-shot
@@ -293,17 +381,30 @@ def load_tasks(args, model: ClipView, train_transform: str = "train", few_shot_o
       train_transform  "train": ZSCL's RandomResizedCrop(scale 0.9-1) + flip-free CLIP
                        preprocessing; "eval": the deterministic eval transform (KeepLoRA)
       few_shot_once    the few-shot images are transformed once and kept (DAC, MoE-Adapters: they
-                       stack the transformed images into a TensorDataset), instead of on the fly."""
+                       stack the transformed images into a TensorDataset), instead of on the fly.
+    CIL steps train on their new classes only (data.new_classes_only); X-TAIL's shots are --few-shot.
+    Every task of CIL and X-TAIL carries `union_classnames`, its test head (evaluate_all)."""
+    tr, ev = data.clip_transforms(model.image_size)
+    tr = ev if train_transform == "eval" else tr
+    few_shot = args.few_shot
     if args.benchmark == "mtil":
-        tr, ev = data.clip_transforms(model.image_size)
-        tasks = data.mtil_tasks(args.data_root, args.order, ev if train_transform == "eval" else tr, ev)
-    else:
+        tasks = data.mtil_tasks(args.data_root, args.order, tr, ev)
+    elif args.benchmark == "toy":
         tasks = data.toy_tasks(args.order)
-    if args.few_shot:
-        for t in tasks:
-            t.train = data.few_shot_subset(t.train, args.few_shot, seed=args.seed)
-            if few_shot_once:
-                t.train = data.transformed_once(t.train, seed=args.seed)
+    elif args.benchmark == "xtail":
+        tasks, few_shot = data.xtail_tasks(args.data_root, args.seed, args.few_shot, tr, ev), 0
+    elif args.benchmark == "toy-xtail":
+        tasks, few_shot = data.toy_xtail_tasks(args.seed, args.few_shot), 0
+    elif args.benchmark == "toy-cil":
+        tasks = [data.new_classes_only(t) for t in data.toy_cil_tasks(args.steps)]
+    else:
+        tasks = [data.new_classes_only(t) for t in data.cil_tasks(args.benchmark, args.steps, args.data_root,
+                                                                  train_transform=tr, eval_transform=ev)]
+    for t in tasks:
+        if few_shot:
+            t.train = data.few_shot_subset(t.train, few_shot, seed=args.seed)
+        if few_shot_once and (few_shot or args.few_shot):
+            t.train = data.transformed_once(t.train, seed=args.seed)
     return tasks
 
 def n_train_tasks(args, tasks: list) -> int:
@@ -1005,13 +1106,21 @@ def eval_templates(templates: list[str], d: int, t: int, rule: str) -> list[str]
 
 @torch.no_grad()
 def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int = 0,
-             amp: str = "off", progress_bar: bool = False, templates: list[str] | None = None) -> float:
+             amp: str = "off", progress_bar: bool = False, templates: list[str] | None = None,
+             heads: dict | None = None) -> float:
     """Top-1 accuracy (%) of `model` on task.test with a zero-shot head of `templates` (default:
-    every template of the task)."""
+    every template of the task). `heads`: a cache of the heads already built for this model
+    (key: class names and templates), shared by the columns of one row."""
     was_training = model.training
     model.eval()
+    templates = templates or task.templates
+    key = (tuple(task.classnames), tuple(templates))
     with torch.inference_mode(), autocast(device, amp):
-        W = zeroshot_head(model, task.classnames, templates or task.templates, device)  # (embed, C)
+        W = heads.get(key) if heads is not None else None
+        if W is None:
+            W = zeroshot_head(model, task.classnames, templates, device)  # (embed, C)
+            if heads is not None:
+                heads[key] = W
         correct, n = torch.zeros((), dtype=torch.int64, device=device), 0   # counted on the device
         loader = make_loader(task.test, batch_size, shuffle=False, seed=0, workers=workers, device=device)
         for images, labels in progress(loader, progress_bar, desc=f"eval {task.name}", leave=False):
@@ -1022,11 +1131,48 @@ def evaluate(model: ClipView, task, device, batch_size: int = 128, workers: int 
     model.train(was_training)
     return 100.0 * int(correct) / max(n, 1)
 
+def eval_sets(tasks: list, t: int, benchmark: str) -> list:
+    """What each column of the accuracy row after task t (t = -1: zero-shot) measures: a Task
+    whose `test` is classified over its `classnames`, or None (no value: NaN in the row).
+      mtil   the task itself: its test set over its own classes (the task id is known)
+      xtail  domain d's test set, labels offset + label, over the union of ALL domains' classes
+             (RAIL primal_RAIL.py: merged_classnames, targets += tested_cls_num), seen or not
+      cil    k = t (the zero-shot row: the last step): column j <= k = the test images of step
+             j's classes among tasks[k].test (every class seen by step k), over the classes seen
+             by step k (MoE-Adapters cil/continual_clip/models.py: current_class_names); j > k None.
+    Pooled over the columns j <= k this is the source's accuracy after step k (cil_metrics)."""
+    kind = protocol(benchmark)
+    if kind == "mtil":
+        return list(tasks)
+    if kind == "xtail":
+        return [data.Task(task.name, task.union_classnames, task.templates, None,
+                          data.Relabelled(task.test, list(range(len(task.test))),
+                                          [task.offset + y for y in data.dataset_targets(task.test)]))
+                for task in tasks]
+    k = t if t >= 0 else len(tasks) - 1
+    seen = tasks[k]
+    y = data.dataset_targets(seen.test)
+    cols = []
+    for j, task in enumerate(tasks):
+        if j > k:
+            cols.append(None)
+            continue
+        lo, hi = task.new_start, len(task.union_classnames)         # step j's classes in the union
+        idx = [i for i, label in enumerate(y) if lo <= label < hi]
+        cols.append(data.Task(task.name, seen.union_classnames, seen.templates, None,
+                              data.Relabelled(seen.test, idx, [y[i] for i in idx])))
+    return cols
+
 def evaluate_all(model: ClipView, tasks: list, args, device, t: int = -1) -> list[float]:
-    """One row of the accuracy matrix after task t (-1: zero-shot): accuracy on every task of the
-    benchmark, with the prompts of `--eval-prompts` (eval_templates) and the precision of `--amp`."""
-    return [evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp, args.progress,
-                     eval_templates(task.templates, d, t, args.eval_prompts)) for d, task in enumerate(tasks)]
+    """One row of the accuracy matrix after task t (-1: zero-shot): accuracy on every column of
+    the benchmark (eval_sets: MTIL's datasets with their own heads; CIL's and X-TAIL's over their
+    union heads), with the prompts of `--eval-prompts` (eval_templates) and the precision of
+    `--amp`. NaN for a CIL step not seen yet."""
+    heads: dict = {}
+    return [float("nan") if task is None else
+            evaluate(model, task, device, args.eval_batch_size, args.workers, args.amp, args.progress,
+                     eval_templates(task.templates, d, t, args.eval_prompts), heads)
+            for d, task in enumerate(eval_sets(tasks, t, args.benchmark))]
 
 # ---- the alignment diagnostics: modality gap and retrieval on held-out image-caption pairs ----
 
@@ -1050,7 +1196,7 @@ def alignment_pairs(args, model: ClipView, exclude: set[str] | None = None):
     on without the metrics."""
     if not args.align_n:
         return None
-    if args.benchmark == "toy":
+    if is_toy(args.benchmark):
         return data.toy_reference(seed=0, n=args.align_n, split="heldout")
     if data.imagenet_missing(args.data_root):
         print(f"note: no ImageNet train folder ({Path(args.data_root).expanduser() / 'ImageNet' / 'train'}): "
@@ -1171,24 +1317,57 @@ def mtil_metrics(acc) -> dict:
             "average": float(np.mean(avg_d)), "last": float(np.mean(last_d)),
             "transfer_per_dataset": transfer_d, "average_per_dataset": avg_d, "last_per_dataset": last_d}
 
+def cil_group_sizes(tasks: list) -> list[int]:
+    """The test images of each CIL step's new classes (the weights of cil_metrics)."""
+    sizes = [len(t.test) for t in tasks]
+    return [sizes[0]] + [b - a for a, b in zip(sizes, sizes[1:])]
+
+def cil_metrics(acc, sizes: list[int]) -> dict:
+    """The CIL metrics of MoE-Adapters (cil/main.py; continuum metrics/logger.py:Logger.accuracy)
+    for an accuracy matrix A[k, j] (row k = after step k, column j = accuracy on step j's classes'
+    test images within the head of every class seen; NaN for j > k) and the test images per step
+    `sizes`:
+      acc_k = sum_{j <= k} n_j A[k, j] / sum_{j <= k} n_j   the accuracy over every test image seen
+      Avg   = mean_k acc_k (every step, the first included: statistics.mean(acc_list))
+      Last  = acc_K, the final step's."""
+    A = np.asarray(acc, dtype=float)
+    if A.ndim != 2 or A.shape[0] == 0:
+        raise ValueError("accuracy matrix must be 2-D with at least one row")
+    n = np.asarray(sizes, dtype=float)
+    cil = [float(np.dot(A[k, :k + 1], n[:k + 1]) / n[:k + 1].sum()) for k in range(A.shape[0])]
+    return {"cil_acc": cil, "avg": float(np.mean(cil)), "last": cil[-1]}
+
 def r1(x: float) -> str:
     """One decimal as ZSCL's results.ipynb rounds (np.around, half to even on the binary value
     times 10): 65.35 -> "65.4", where Python's format gives "65.3"."""
     return f"{np.around(x, 1):.1f}"
 
-def format_table(names: list[str], acc, zero_shot: list[float] | None = None) -> str:
+def metrics_line(acc, sizes: list[int] | None = None) -> str:
+    """"Transfer x   Average y   Last z" (MTIL, X-TAIL), or with CIL's `sizes` "Avg x   Last y"."""
+    if sizes is not None:
+        m = cil_metrics(acc, sizes)
+        return f"Avg {r1(m['avg'])}   Last {r1(m['last'])}"
+    m = mtil_metrics(acc)
+    return f"Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}"
+
+def format_table(names: list[str], acc, zero_shot: list[float] | None = None, sizes: list[int] | None = None) -> str:
+    """The matrix as text, then its metrics (CIL's with `sizes`, cil_metrics; a CIL step not seen
+    yet prints "-")."""
     A = np.asarray(acc, dtype=float)
     w = max(8, max(len(n) for n in names) + 1)
     short = [n[:w - 1] for n in names]
+
+    def cell(v):
+        return f"{'-':>{w}}" if np.isnan(v) else f"{v:>{w}.1f}"
     lines = [" " * 14 + "".join(f"{s:>{w}}" for s in short)]
     if zero_shot is not None:
-        lines.append(f"{'zero-shot':<14}" + "".join(f"{v:>{w}.1f}" for v in zero_shot))
+        lines.append(f"{'zero-shot':<14}" + "".join(cell(v) for v in zero_shot))
+    rows = [n.rsplit("-", 1)[-1] for n in names] if sizes is not None else short  # CIL: "after step3"
     for t, row in enumerate(A):
-        lines.append(f"{'after ' + short[t]:<14}"[:14] + "".join(f"{v:>{w}.1f}" for v in row))
-    m = mtil_metrics(A)
+        lines.append(f"{'after ' + rows[t]:<14}"[:14] + "".join(cell(v) for v in row))
     partial = (f"partial: {A.shape[0]} of {A.shape[1]} tasks trained, not comparable to a full run: "
                if A.shape[0] < A.shape[1] else "")
-    lines.append(f"{partial}Transfer {r1(m['transfer'])}   Average {r1(m['average'])}   Last {r1(m['last'])}")
+    lines.append(partial + metrics_line(A, sizes))
     return "\n".join(lines)
 
 def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
@@ -1201,9 +1380,10 @@ def plot_matrix(names: list[str], acc, path: Path, title: str) -> None:
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(A)), [f"after {n}" for n in names[:len(A)]], fontsize=8)
     for t in range(A.shape[0]):
-        for d in range(A.shape[1]):
-            ax.text(d, t, f"{A[t, d]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if A[t, d] < 60 else "black")
+        for d in range(A.shape[1] if A.shape[1] <= 25 else 0):       # no numbers on a 50-step CIL matrix
+            if not np.isnan(A[t, d]):                                 # NaN: a CIL step not seen yet (blank)
+                ax.text(d, t, f"{A[t, d]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if A[t, d] < 60 else "black")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
@@ -1408,6 +1588,10 @@ def _release_claims(failed: bool = False) -> None:
         lock.release(failed=failed)
     _CLI_CLAIMS.clear()
 
+def _is_matrix(v, n: int) -> bool:
+    """A per-task list of full accuracy rows (n columns), e.g. igsp's acc_oracle."""
+    return isinstance(v, list) and bool(v) and all(isinstance(r, list) and len(r) == n for r in v)
+
 class Run:
     """The run folder of DESIGN.md. Files: config.json, acc_matrix.csv, acc_matrix.png,
     summary.json, checkpoint.pt (the latest finished task: method state + matrix so far).
@@ -1424,12 +1608,17 @@ class Run:
     CONFIG_KEYS_IGNORED = {"resume", "no_progress", "progress", "out", "workers", "device", "eval_batch_size",
                            "max_tasks"}
     # ... and per benchmark, the flags it does not read (the toy world needs no files)
-    CONFIG_KEYS_UNUSED = {"toy": {"data_root"}}
+    CONFIG_KEYS_UNUSED = {"toy": {"data_root"}, "toy-cil": {"data_root"}, "toy-xtail": {"data_root"}}
 
     def __init__(self, args: argparse.Namespace, tasks: list, plan: list[HParams]):
         """`tasks`: the benchmark's tasks in training order; `plan`: each task's HParams."""
         self.method, self.args, self.datasets = args.method, args, [t.name for t in tasks]
-        self.n_classes, self.plan = [len(t.classnames) for t in tasks], list(plan)
+        self.protocol = protocol(args.benchmark)
+        # the head each task's own column is read over (learnt_nothing's chance level)
+        self.n_classes = [len(getattr(t, "union_classnames", t.classnames)) for t in tasks]
+        self.plan = list(plan)
+        # CIL: test images per step (the weights of cil_metrics); None for MTIL and X-TAIL
+        self.sizes = cil_group_sizes(tasks) if self.protocol == "cil" else None
         self.n_train = n_train_tasks(args, tasks)
         self.out = Path(args.out)
         setup = _LAST_SETUP if _LAST_SETUP.get("args", lambda: None)() is args else {}
@@ -1524,8 +1713,11 @@ class Run:
                            "seconds_pretraining": self.seconds_pretraining()}, self.out / "checkpoint.pt")
         self.write_outputs()
         loss = f"loss {info['loss']:.3f}  " if "loss" in info else ""
-        print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | "
-              + "  ".join(f"{a:.1f}" for a in row) + "".join(f"\n    {n}" for n in notes), flush=True)
+        cil = (f"acc {cil_metrics(self.acc, self.sizes)['cil_acc'][-1]:.1f} over {self.n_classes[t]} classes | "
+               if self.sizes else "")
+        print(f"[{t + 1}/{len(self.datasets)}] {self.datasets[t]:<14} {loss}{time.time() - self.t_task:.0f}s | {cil}"
+              + "  ".join(f"{a:.1f}" for a in row if not math.isnan(a)) + "".join(f"\n    {n}" for n in notes),
+              flush=True)
         warning = self.learnt_nothing(t, row, list(_LOSS_TRACE))
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -1562,23 +1754,36 @@ class Run:
         return "" if self.complete else f"partial: {len(self.acc)} of {len(self.datasets)} tasks trained"
 
     def summary(self) -> dict:
-        m = mtil_metrics(self.acc)
+        """MTIL and X-TAIL: ZSCL's transfer / average / last of the matrix. CIL: "cil_acc" (the
+        accuracy over every class seen, per step), "avg" and "last" (cil_metrics), transfer and
+        average null; the unseen cells of acc_matrix null; zero_shot = the untouched CLIP over all
+        classes, and its "last" (its accuracy after the final step) in zero_shot_metrics."""
+        def rows(acc):
+            return [[None if math.isnan(v) else v for v in row] for row in acc]
         s = {"method": self.method, "benchmark": self.args.benchmark, "order": self.args.order,
              **({"toy_world": data.TOY_WORLD_VERSION} if self.args.benchmark == "toy" else {}),
              "datasets": self.datasets, "complete": self.complete, "tasks_done": len(self.acc),
-             "zero_shot": self.zero_shot, "acc_matrix": self.acc,
-             "transfer": m["transfer"], "average": m["average"], "last": m["last"],
-             "zero_shot_metrics": {k: mtil_metrics([self.zero_shot] * len(self.datasets))[k]
-                                   for k in ("transfer", "average", "last")},
-             "trainable_params": self.extra.get("trainable_params", 0), "seconds": round(self.seconds(), 1),
-             "seconds_pretraining": round(self.seconds_pretraining(), 1)}
-        s.update({k: v for k, v in self.extra.items() if k != "trainable_params"})
+             "zero_shot": self.zero_shot, "acc_matrix": rows(self.acc)}
+        if self.sizes is None:
+            m = mtil_metrics(self.acc)
+            s.update(transfer=m["transfer"], average=m["average"], last=m["last"],
+                     zero_shot_metrics={k: mtil_metrics([self.zero_shot] * len(self.datasets))[k]
+                                        for k in ("transfer", "average", "last")})
+        else:
+            m = cil_metrics(self.acc, self.sizes)
+            s.update(steps=self.args.steps, transfer=None, average=None, cil_acc=m["cil_acc"], avg=m["avg"],
+                     last=m["last"], zero_shot_metrics={"last": float(np.dot(self.zero_shot, self.sizes) / sum(self.sizes))})
+        s.update(trainable_params=self.extra.get("trainable_params", 0), seconds=round(self.seconds(), 1),
+                 seconds_pretraining=round(self.seconds_pretraining(), 1))
+        s.update({k: (rows(v) if self.sizes and _is_matrix(v, len(self.datasets)) else v)
+                  for k, v in self.extra.items() if k != "trainable_params"})
         return s
 
     def write_outputs(self) -> None:
         names = self.datasets
-        csv = "after_task," + ",".join(names) + "\n" + "".join(
-            names[t] + "," + ",".join(f"{v:.2f}" for v in row) + "\n" for t, row in enumerate(self.acc))
+        csv = "after_task," + ",".join(names) + "\n" + "".join(   # a CIL step not seen yet: empty
+            names[t] + "," + ",".join("" if math.isnan(v) else f"{v:.2f}" for v in row) + "\n"
+            for t, row in enumerate(self.acc))
         atomic_write_text(self.out / "acc_matrix.csv", csv)
         atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
         partial = self.partial_label()
@@ -1588,15 +1793,15 @@ class Run:
     def print_final(self) -> None:
         """The table and metrics; also the metrics of every other accuracy matrix the method
         recorded (a per-task list of full rows in summary.json, e.g. igsp's acc_oracle)."""
-        print(format_table(self.datasets, self.acc, self.zero_shot))
-        z = mtil_metrics([self.zero_shot] * len(self.datasets))
-        print(f"(zero-shot: Transfer {r1(z['transfer'])}   Average {r1(z['average'])}   Last {r1(z['last'])})")
+        print(format_table(self.datasets, self.acc, self.zero_shot, self.sizes))
+        if self.sizes:
+            print(f"(zero-shot over all {self.n_classes[-1]} classes: {r1(self.summary()['zero_shot_metrics']['last'])})")
+        else:
+            print(f"(zero-shot: {metrics_line([self.zero_shot] * len(self.datasets))})")
         partial = self.partial_label()
         for k, v in self.extra.items():
-            if isinstance(v, list) and v and all(isinstance(r, list) and len(r) == len(self.datasets) for r in v):
-                m = mtil_metrics(v)
-                print(f"({k}{', ' + partial if partial else ''}: Transfer {r1(m['transfer'])}   "
-                      f"Average {r1(m['average'])}   Last {r1(m['last'])})")
+            if _is_matrix(v, len(self.datasets)):
+                print(f"({k}{', ' + partial if partial else ''}: {metrics_line(v, self.sizes)})")
         pre = self.seconds_pretraining()
         print(f"run folder: {self.out} ({self.seconds():.0f} s" + (f"; toy CLIP pretraining {pre:.0f} s)" if pre >= 0.5 else ")"))
         self._lock.release()

@@ -1,5 +1,6 @@
-"""Datasets: the MTIL benchmark (11 torchvision datasets), GNSP's ImageNet reference data, and
-the procedural toy benchmark that makes every script runnable on a laptop CPU.
+"""Datasets: the MTIL benchmark (11 torchvision datasets), GNSP's ImageNet reference data, the
+class-incremental (CIFAR-100, TinyImageNet) and X-TAIL protocols, and the procedural toy
+benchmark that makes every script runnable on a laptop CPU.
 
 MTIL = Multi-domain Task-Incremental Learning, from ZSCL (Zheng et al., ICCV 2023,
 arXiv 2303.06628; code: Thunderbeee/ZSCL, mtil/src/datasets/collections.py). We follow that
@@ -18,7 +19,9 @@ Contents, in file order:
   6. GNSP's reference data: ImageNet-train images with captions (class names from open_clip)
   7. The toy benchmark: the procedural world, its tasks and orders, the tiny CLIP's config and
      pretraining recipe, its pretraining stream and reference pairs
-  8. The command line (`--check`, `--download`)
+  8. CIL and X-TAIL: MoE-Adapters' class orders and steps (`cil_tasks`), RAIL's cross-domain
+     task-agnostic domains over MTIL's builders (`xtail_tasks`)
+  9. The command line (`--check`, `--download`)
 
     python data.py --check --root DIR       # what is there; what is missing, where, how to get it
     python data.py --download --root DIR    # fetch what torchvision can still download
@@ -30,7 +33,7 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -900,7 +903,357 @@ def toy_pretraining_batches(seed: int, batch_size: int, pool: int = 20000):
         yield images[idx], [toy_caption(*codes[int(i)], rng) for i in idx]
 
 
-# ---- 8. The command line ----
+# ---- 8. Class-incremental learning (CIL) and X-TAIL: class orders, steps, loaders ----
+# CIL as MoE-Adapters runs it (JiazuoYu/MoE-Adapters4CL@4572d97, cil/, on continuum's
+# ClassIncremental scenario): one dataset, its classes in a fixed order, cut into steps. Step k
+# trains on the images of its new classes only and is tested on the test images of every class
+# seen so far, with one classifier over all of them (no task id). X-TAIL (RAIL: Xu et al.,
+# NeurIPS 2024, arXiv 2406.18868; linghan1997/Regression-based-Analytic-Incremental-Learning@eaac644):
+# the MTIL domains without CIFAR100, 16 shots per class, and every domain's test images classified
+# over the union of all domains' class names. Protocols, hyper-parameters, metrics and published
+# numbers: notes/protocols.md.
+
+CIL_DATASETS = ["cil-cifar100", "cil-tinyimagenet"]
+# MoE-Adapters cil/class_orders/{cifar100,tinyimagenet}.yaml, exactly: entry j is the original id
+# (torchvision's CIFAR-100 label; the line of wnids.txt for TinyImageNet) of the class that takes
+# index j in the union of seen classes.
+CIL_CLASS_ORDERS = {
+    "cil-cifar100": [
+        87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18,
+        24, 32, 45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59,
+        25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21,
+        60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7,
+        34, 55, 54, 26, 35, 39,
+    ],
+    "cil-tinyimagenet": [
+        131, 181, 22, 172, 144, 92, 97, 187, 58, 93, 6, 70, 106, 68, 153, 168, 179, 199, 29, 46, 9,
+        142, 134, 88, 193, 110, 26, 32, 117, 112, 17, 39, 166, 13, 94, 138, 109, 147, 51, 101, 59,
+        188, 116, 5, 170, 99, 100, 167, 180, 146, 65, 1, 104, 43, 38, 184, 123, 171, 137, 162, 71,
+        44, 95, 174, 12, 7, 54, 152, 21, 47, 28, 176, 34, 2, 132, 118, 42, 189, 150, 14, 165, 41,
+        192, 45, 82, 128, 63, 57, 197, 160, 53, 75, 108, 135, 121, 159, 183, 67, 169, 50, 87, 69,
+        89, 196, 115, 19, 148, 96, 86, 11, 8, 60, 33, 173, 78, 4, 119, 105, 182, 127, 177, 30, 186,
+        40, 49, 178, 76, 157, 161, 73, 164, 151, 31, 74, 191, 27, 125, 198, 81, 20, 155, 114, 139,
+        36, 61, 56, 145, 48, 16, 83, 62, 85, 126, 0, 102, 23, 3, 140, 15, 195, 133, 113, 190, 141,
+        52, 163, 156, 80, 111, 90, 175, 143, 120, 84, 18, 25, 79, 37, 154, 136, 64, 158, 24, 185,
+        72, 35, 129, 55, 149, 91, 122, 77, 103, 124, 130, 66, 10, 107, 194, 98,
+    ],
+}
+# steps -> (initial_increment, increment) of cil/configs/class/*.yaml. CIFAR-100: `steps` equal
+# steps (10-10, 5-5, 2-2); TinyImageNet: 100 base classes, then `steps` steps (100-20, 100-10,
+# 100-5), so steps + 1 tasks.
+CIL_STEPS = {
+    "cil-cifar100": {10: (10, 10), 20: (5, 5), 50: (2, 2)},
+    "cil-tinyimagenet": {5: (100, 20), 10: (100, 10), 20: (100, 5)},
+}
+CIL_TEMPLATES = ["a bad photo of a {}."]  # every config's prompt_template: trains and evaluates
+# cil/configs/class/*.yaml batch_size: 128 for CIFAR-100 10-10 and 5-5, 64 for 2-2 and every TinyImageNet config
+CIL_BATCH_SIZE = {"cil-cifar100": {10: 128, 20: 128, 50: 64}, "cil-tinyimagenet": {5: 64, 10: 64, 20: 64}}
+
+XTAIL_DOMAINS = [n for n in MTIL_ORDERS["I"] if n != "CIFAR100"]  # RAIL configs/analytic_clip.yaml
+XTAIL_SHOTS = 16                                                   # ... num_shots
+RAIL_TEMPLATES = ["a photo of a {}."]  # the one template of RAIL's union classifier (primal_RAIL.py)
+
+
+@dataclass
+class CILTask(Task):
+    new_start: int  # union_classnames[new_start:] are the step's new classes (its train labels' range)
+    union_classnames: list[str] = field(default_factory=list)  # every class seen up to this step (the test head)
+
+
+@dataclass
+class XTailTask(Task):
+    offset: int                  # union label = offset + the domain's own label
+    union_classnames: list[str]  # every loaded domain's class names, concatenated in domain order
+
+
+def cil_increments(name: str, steps: int) -> list[int]:
+    """Classes per task: the config's initial_increment, then increment until the classes run out
+    (continuum ClassIncremental._define_increments). E.g. [100, 20, 20, 20, 20, 20] for
+    cil-tinyimagenet in 5 steps."""
+    if name not in CIL_STEPS:
+        raise ValueError(f"unknown CIL dataset {name!r}; choose from {CIL_DATASETS}")
+    if steps not in CIL_STEPS[name]:
+        raise ValueError(f"{name} runs in {sorted(CIL_STEPS[name])} steps, not {steps}")
+    first, increment = CIL_STEPS[name][steps]
+    return [first] + [increment] * ((len(CIL_CLASS_ORDERS[name]) - first) // increment)
+
+
+def cil_label_map(order: list[int]) -> list[int]:
+    """The inverse of a class order: label_map[c] = the union index of original class c, its
+    position in `order` (continuum: class_order.argsort()[y])."""
+    if sorted(order) != list(range(len(order))):
+        raise ValueError("a class order must be a permutation of 0..n-1")
+    label_map = [0] * len(order)
+    for j, c in enumerate(order):
+        label_map[c] = j
+    return label_map
+
+
+def union_offsets(sizes: list[int]) -> list[int]:
+    """Where each block of classes starts in their concatenation: [0, s0, s0 + s1, ...]."""
+    offsets, total = [], 0
+    for s in sizes:
+        offsets.append(total)
+        total += s
+    return offsets
+
+
+class Relabelled(Dataset):
+    """Items `indices` of `dataset`, labelled `labels` (one per index) instead of their own labels;
+    `.targets` = labels, so dataset_targets and few_shot_subset read them without decoding."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], labels: list[int]):
+        if len(indices) != len(labels):
+            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
+        self.dataset, self.indices, self.targets = dataset, list(indices), list(labels)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]][0], self.targets[i]
+
+
+class TinyImageNet(Dataset):
+    """tiny-imagenet-200 as continuum's TinyImageNet200 reads it: the label of a class is its line
+    in wnids.txt; split "train" = train/<wnid>/images/*, split "val" = val/images/* labelled by
+    val/val_annotations.txt (the CIL test set, 50 images per class)."""
+
+    def __init__(self, root, split: str, transform=None):
+        d = Path(root).expanduser() / "tiny-imagenet-200"
+        self.wnids = (d / "wnids.txt").read_text().split()
+        index = {w: i for i, w in enumerate(self.wnids)}
+        if split == "train":
+            # CHOICE: list train/<wnid>/images/ sorted; continuum reads each class's file names
+            # from train/<wnid>/<wnid>_boxes.txt (the same files in the official archive).
+            pairs = [(d / "train" / w / "images" / f, index[w]) for w in self.wnids
+                     for f in sorted(os.listdir(d / "train" / w / "images"))
+                     if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+        elif split == "val":
+            rows = [line.split()[:2] for line in (d / "val" / "val_annotations.txt").read_text().splitlines()]
+            pairs = [(d / "val" / "images" / f, index[w]) for f, w in rows if w in index]
+        else:
+            raise ValueError(f"TinyImageNet split must be 'train' or 'val', got {split!r}")
+        self.files = [str(p) for p, _ in pairs]
+        self.targets = [y for _, y in pairs]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = Image.open(self.files[i]).convert("RGB")  # a few TinyImageNet JPEGs are greyscale
+        return (image if self.transform is None else self.transform(image)), self.targets[i]
+
+
+_TINYIMAGENET_LAYOUT = ["tiny-imagenet-200", "tiny-imagenet-200/wnids.txt", "tiny-imagenet-200/train",
+                        "tiny-imagenet-200/val/images", "tiny-imagenet-200/val/val_annotations.txt"]
+
+
+def _tinyimagenet_how(root: Path) -> str:
+    return ("manual (torchvision has no TinyImageNet): download http://cs231n.stanford.edu/tiny-imagenet-200.zip "
+            f"(the archive continuum fetches) and unzip it in {root} so that "
+            f"{root}/tiny-imagenet-200/{{wnids.txt, train/<wnid>/images/, val/images/, val/val_annotations.txt}} exist")
+
+
+def cil_missing(root, names=CIL_DATASETS) -> list[tuple[str, str, str]]:
+    """(name, expected path, how to get it) for each CIL dataset in `names` missing under `root`.
+    cil-cifar100 reads MTIL's CIFAR100 files (<root>/cifar-100-python/)."""
+    root = Path(root).expanduser()
+    unknown = sorted(set(names) - set(CIL_DATASETS))
+    if unknown:
+        raise ValueError(f"unknown CIL dataset(s) {unknown}; choose from {CIL_DATASETS}")
+    missing = []
+    for name in names:
+        if name == "cil-cifar100":
+            missing += [(name, path, how) for _, path, how in mtil_missing(root, ["CIFAR100"])]
+            continue
+        absent = next((root / p for p in _TINYIMAGENET_LAYOUT if not (root / p).exists()), None)
+        if absent is not None:
+            missing.append((name, str(absent), _tinyimagenet_how(root)))
+    return missing
+
+
+def _cil_dataset(name: str, root: Path, train_transform, eval_transform) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, test, class names indexed by original class id) of a CIL dataset, as the source names
+    them (MoE-Adapters cil/continual_clip/datasets.py:get_dataset)."""
+    if name == "cil-cifar100":
+        # CHOICE: <root>/cifar-100-python/, the files MTIL's CIFAR100 reads (the source: <root>/cifar100/...).
+        train = datasets.CIFAR100(root, train=True, transform=train_transform)
+        test = datasets.CIFAR100(root, train=False, transform=eval_transform)
+        return train, test, list(train.classes)  # continuum's dataset.dataset.classes: "aquarium_fish"
+    # The source reads cil/dataset_reqs/tinyimagenet_classes.txt (line i: i, wnid, name): for all 200
+    # wnids its name is OpenAI CLIP's ImageNet class name (checked one by one), so we map each
+    # wnid through IMAGENET_CLASSNAMES instead of shipping that file; words.txt is not read.
+    names = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
+    wnids = (root / "tiny-imagenet-200" / "wnids.txt").read_text().split()
+    unknown = [w for w in wnids if w not in names]
+    if unknown:
+        raise ValueError(f"{root / 'tiny-imagenet-200/wnids.txt'} lists wnids outside ImageNet-1k "
+                         f"({', '.join(unknown[:3])}...): not tiny-imagenet-200")
+    train = TinyImageNet(root, "train", train_transform)
+    test = TinyImageNet(root, "val", eval_transform)
+    return train, test, [names[w] for w in wnids]
+
+
+def cil_tasks(name: str, steps: int, root, seed: int | None = None, train_transform=None,
+              eval_transform=None, clean_names: bool = False) -> list[CILTask]:
+    """The tasks of a class-incremental run of `name` (cil-cifar100 in 10/20/50 steps,
+    cil-tinyimagenet in 100 + 5/10/20 steps), as MoE-Adapters' cil/ builds them. Task k:
+      classnames  the union: every class seen up to task k, in class-order position
+      train       the train images of task k's new classes only
+      test        the test images of every class seen so far
+      new_start   classnames[new_start:] are task k's new classes
+    Labels of train and test are union indices (original class c -> its position in the order).
+    seed: None = the source's class order (CIL_CLASS_ORDERS), which made the published numbers;
+    an int = a seeded random permutation of the classes instead. Transforms default to
+    clip_transforms(224). clean_names: "_" -> " " in class names (the source keeps "aquarium_fish").
+    Raises MissingDataError when the dataset is not under `root`."""
+    increments = cil_increments(name, steps)
+    root = Path(root).expanduser()
+    missing = cil_missing(root, [name])
+    if missing:
+        raise MissingDataError(missing)
+    default_train, default_eval = clip_transforms()
+    # DEVIATION: the source evaluates with its *train* transform (cil/continual_clip/models.py keeps
+    # clip.load's first transform, RandomResizedCrop(scale 0.9-1), and main.py passes it to both
+    # scenarios); we default to the deterministic eval transform. Pass eval_transform=the train
+    # transform to evaluate as the source does.
+    train, test, names = _cil_dataset(name, root, default_train if train_transform is None else train_transform,
+                                      default_eval if eval_transform is None else eval_transform)
+    n = len(CIL_CLASS_ORDERS[name])
+    if len(names) != n:
+        raise ValueError(f"{name}: {len(names)} classes under {root}, the protocol has {n}")
+    order = (list(CIL_CLASS_ORDERS[name]) if seed is None
+             else np.random.RandomState(seed).permutation(n).tolist())
+    label_map = cil_label_map(order)
+    union = [names[c].replace("_", " ") if clean_names else names[c] for c in order]
+    by_label = {"train": [[] for _ in range(n)], "test": [[] for _ in range(n)]}
+    for split, ds in (("train", train), ("test", test)):
+        for i, y in enumerate(dataset_targets(ds)):
+            by_label[split][label_map[y]].append(i)
+
+    def items(split, lo, hi):  # (indices, union labels) of the split's items with lo <= label < hi
+        pairs = sorted((i, y) for y in range(lo, hi) for i in by_label[split][y])
+        return [i for i, _ in pairs], [y for _, y in pairs]
+
+    tasks = []
+    for k, (start, size) in enumerate(zip(union_offsets(increments), increments)):
+        stop = start + size
+        tasks.append(CILTask(f"{name}-step{k + 1}", union[:stop], list(CIL_TEMPLATES),
+                             Relabelled(train, *items("train", start, stop)),
+                             Relabelled(test, *items("test", 0, stop)), start, union[:stop]))
+    return tasks
+
+
+def new_classes_only(task: CILTask) -> CILTask:
+    """The step as MoE-Adapters trains it (cil/continual_clip/models.py:ClassIncremental.train):
+    the text head of the step's new classes only, train labels shifted to start at 0
+    (`targets -= shift`). classnames = the new classes; union_classnames and the test set (union
+    labels) are kept for evaluation."""
+    targets = dataset_targets(task.train)
+    train = Relabelled(task.train, list(range(len(targets))), [y - task.new_start for y in targets])
+    return CILTask(task.name, task.union_classnames[task.new_start:], list(task.templates), train, task.test,
+                   task.new_start, list(task.union_classnames))
+
+
+def xtail_tasks(root, seed: int = 42, shots: int = XTAIL_SHOTS, train_transform=None,
+                eval_transform=None, max_tasks: int | None = None) -> list[XTailTask]:
+    """The X-TAIL domains in RAIL's order (Order I without CIFAR100; the first `max_tasks`), each
+    from MTIL's own builder (load_mtil_task), train = `shots` images per class (few_shot_subset:
+    a function of `seed` alone; shots 0 = full train set), test = the domain's own test set with
+    its own labels. X-TAIL classifies each test image over `union_classnames` (all loaded domains'
+    classes): union label = task.offset + label. Raises one MissingDataError naming every missing
+    dataset."""
+    names = XTAIL_DOMAINS[:max_tasks]
+    missing = mtil_missing(root, names)
+    if missing:
+        raise MissingDataError(missing)
+    default_train, default_eval = clip_transforms()
+    # DEVIATION: RAIL reads CoOp's split files (split_zhou_*.json) and CoOp's class names; we keep
+    # ZSCL's splits and class names (MTIL's builders). As RAIL, one template for every domain,
+    # training and test: RAIL_TEMPLATES, "a photo of a {}." (primal_RAIL.py).
+    tt = default_train if train_transform is None else train_transform
+    et = default_eval if eval_transform is None else eval_transform
+    domains = [load_mtil_task(n, root, tt, et) for n in names]
+    # CHOICE: the union is the plain concatenation with duplicate names kept, as RAIL's
+    # merged_classnames (here Caltech101 and Flowers share "lotus" and "sunflower").
+    union = [c for t in domains for c in t.classnames]
+    # DEVIATION: a class with fewer than `shots` train images keeps them all (ZSCL's Flowers train
+    # split has 10 per class); CoOp's sampler (RAIL) draws `shots` with replacement instead.
+    offsets = union_offsets([len(t.classnames) for t in domains])
+    return [XTailTask(t.name, t.classnames, list(RAIL_TEMPLATES),
+                      few_shot_subset(t.train, shots, seed) if shots else t.train, t.test, offset, union)
+            for t, offset in zip(domains, offsets)]
+
+
+# ---- toy versions of both protocols (no files; the toy world of section 7) ----
+# CHOICE: in one label space the toy tasks' bare class names ("red", "small", "two") read poorly
+# and meet (Colours and Inks both have "red"); every class name takes its task's noun, the one of
+# the task's first template (Colours "a {} object." -> "red object", Inks "a {} stroke." -> "red
+# stroke"). With this world's six tasks the 45 names are then distinct (tests/test_protocols.py).
+# Each task being its own image domain, a pooled class is defined by its image alone.
+TOY_UNION_NAMES = {"Colours": "{} object", "Counts": "{} objects", "Inks": "{} stroke", "Sizes": "{} outline",
+                   "Textures": "{} pattern", "Tones": "{} mosaic"}
+TOY_CIL_STEPS = 5             # CHOICE: 45 classes in 5 steps of 9
+TOY_CIL_ORDER_SEED = 0        # CHOICE: the class order, a fixed seeded permutation of the 45 pooled classes
+TOY_CIL_PER_CLASS = (140, 35)  # CHOICE: train / test images per class (every class of seed 0 has at least 148 / 35)
+
+
+def toy_union_classnames(name: str) -> list[str]:
+    """The class names of toy task `name` in a label space shared with the other toy tasks."""
+    return [TOY_UNION_NAMES[name].format(c) for c in TOY_VALUES[TOY_TASKS[name][1]]]
+
+
+def toy_cil_tasks(steps: int = TOY_CIL_STEPS, seed: int = 0) -> list[CILTask]:
+    """toy-cil: the classes of the six toy tasks (toy_task(name, seed), Order I) pooled into one
+    label space of 45 classes (toy_union_classnames), the first TOY_CIL_PER_CLASS train / test
+    images of each, ordered by a fixed seeded permutation (TOY_CIL_ORDER_SEED) and cut into
+    `steps` equal steps; CILTasks as cil_tasks builds them (union labels, CIL_TEMPLATES)."""
+    names = TOY_ORDERS["I"]
+    parts = [toy_task(n, seed) for n in names]
+    pooled = [(i, c) for i, p in enumerate(parts) for c in range(len(p.classnames))]  # (task, class)
+    if len(pooled) % steps:
+        raise ValueError(f"toy-cil: {len(pooled)} classes do not split into {steps} equal steps")
+    order = np.random.RandomState(TOY_CIL_ORDER_SEED).permutation(len(pooled)).tolist()
+    union = [toy_union_classnames(names[pooled[j][0]])[pooled[j][1]] for j in order]
+    splits = {}
+    for s, (split, cap) in enumerate(zip(("train", "test"), TOY_CIL_PER_CLASS)):
+        ds = torch.utils.data.ConcatDataset([getattr(p, split) for p in parts])
+        starts = union_offsets([len(getattr(p, split)) for p in parts])
+        idx, lab = [], []
+        for u, j in enumerate(order):                               # union label u = position in the order
+            i, c = pooled[j]
+            mine = (getattr(parts[i], split).targets == c).nonzero().squeeze(1)[:cap]
+            idx += (starts[i] + mine).tolist()
+            lab += [u] * len(mine)
+        splits[split] = (ds, idx, lab)
+
+    def items(split, lo, hi):
+        ds, idx, lab = splits[split]
+        keep = [k for k, y in enumerate(lab) if lo <= y < hi]
+        return Relabelled(ds, [idx[k] for k in keep], [lab[k] for k in keep])
+
+    size = len(pooled) // steps
+    return [CILTask(f"toy-cil-step{k + 1}", union[:(k + 1) * size], list(CIL_TEMPLATES),
+                    items("train", k * size, (k + 1) * size), items("test", 0, (k + 1) * size), k * size,
+                    union[:(k + 1) * size]) for k in range(steps)]
+
+
+def toy_xtail_tasks(seed: int = 42, shots: int = XTAIL_SHOTS, world_seed: int = 0) -> list[XTailTask]:
+    """toy-xtail: the six toy tasks in Order I as X-TAIL domains: `shots` train images per class
+    (few_shot_subset with `seed`; 0 = all), the task's own test set, class names in the shared
+    label space (toy_union_classnames), one template RAIL_TEMPLATES, and the union of all six
+    tasks' class names."""
+    domains = [toy_task(n, world_seed) for n in TOY_ORDERS["I"]]
+    names = [toy_union_classnames(t.name) for t in domains]
+    union = [c for n in names for c in n]
+    offsets = union_offsets([len(n) for n in names])
+    return [XTailTask(t.name, n, list(RAIL_TEMPLATES), few_shot_subset(t.train, shots, seed) if shots else t.train,
+                      t.test, offset, union) for t, n, offset in zip(domains, names, offsets)]
+
+
+# ---- 9. The command line ----
 
 def _check(root: Path, names: list[str]) -> int:
     print(f"data root: {root.resolve()}")
@@ -930,7 +1283,19 @@ def _check(root: Path, names: list[str]) -> int:
     else:
         n = len(_wnid_folders(root / "ImageNet" / "train"))
         print(f"found    {'ImageNet':<13} {n} class folders (GNSP reference data)")
-    # CHOICE: the exit code reflects the MTIL datasets only; ImageNet is needed by gnsp.py alone.
+    for name in CIL_DATASETS:
+        missing = cil_missing(root, [name])
+        if missing:
+            print(f"missing  {name:<13} expected {missing[0][1]}  ->  {missing[0][2]}")
+            continue
+        try:
+            train, test, names = _cil_dataset(name, root, None, None)
+        except Exception as e:  # a corrupt or partial dataset: report it, keep checking
+            print(f"error    {name:<13} {type(e).__name__}: {' '.join(str(e).split())}")
+            continue
+        print(f"found    {name:<13} train {len(train):>6}  test {len(test):>6}  classes {len(names):>3}  (CIL)")
+    # CHOICE: the exit code reflects the MTIL datasets only; ImageNet (gnsp.py) and the CIL
+    # datasets are optional extras.
     return 0 if ok else 2
 
 
@@ -955,6 +1320,8 @@ def _download(root: Path, names: list[str]) -> int:
             print(f"failed   {name}: {error or 'files still missing'}")
     if imagenet_missing(root):
         print(f"manual   ImageNet: {_imagenet_how(root)}")
+    if cil_missing(root, ["cil-tinyimagenet"]):  # cil-cifar100 reads the CIFAR100 files above
+        print(f"manual   cil-tinyimagenet: {_tinyimagenet_how(root)}")
     missing = mtil_missing(root, names)
     if missing:
         print(MissingDataError(missing))
@@ -962,7 +1329,8 @@ def _download(root: Path, names: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check or download the MTIL datasets.")
+    p = argparse.ArgumentParser(description="Check or download the MTIL datasets; --check also reports "
+                                            "ImageNet and the CIL datasets.")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="report found / missing datasets")
     mode.add_argument("--download", action="store_true", help="download what torchvision can")

@@ -23,6 +23,8 @@ Run:    python gnsp.py --benchmark toy                       # CPU, minutes
         python gnsp.py --order I --data-root ~/data          # MTIL (+ ImageNet train), GPU
         python gnsp.py --order II --ref-data none            # without CD / MAP (no ImageNet)
         python gnsp.py --benchmark toy --project none        # ablation: no null-space projection
+        python gnsp.py --benchmark cil-cifar100 --steps 10 --data-root ~/data   # class-incremental (+ ImageNet)
+        python gnsp.py --benchmark xtail --data-root ~/data  # X-TAIL; toy-cil / toy-xtail on the CPU
 
 Structure (the hooks of finetune.py; `diff finetune.py gnsp.py` shows the method):
   setup       checks the MTIL data and ImageNet, loads CLIP and the tasks, draws the reference
@@ -118,6 +120,14 @@ DEFAULTS = {  # name: (MTIL, toy). MTIL: GNSP configs/mtil_order_{I,II}.json, sr
     "eval_prompts": ("first-before", "first-before"),           # src/models/evaluation.py (common.eval_templates)
 }
 
+# CIL and X-TAIL (notes/protocols.md): what differs from the column above (cil, xtail: MTIL's;
+# toy-cil, toy-xtail: toy's). CHOICE: a CIL step is one epoch at the source config's batch size
+# (MoE-Adapters cil/configs/class/*.yaml) with the lr of GNSP's CIFAR100 task (configs:
+# mtil_order_I.json, 1e-5); X-TAIL's domains keep their Order-I entries of the per-task table.
+# Task-free: nothing changes, GNSP has no task id to lose: the statistics M grow per step / domain
+# as per MTIL task, and every step / domain draws its own reference sample (reference_data).
+PROTOCOL_DEFAULTS = {"cil": {"iterations": common.EPOCH, "batch_size": common.CIL_BATCH, "lr": 1e-5,
+                             "lr_iterations_per_task": {}}}
 
 def parse_args(argv=None):
     p = common.common_parser("gnsp", __doc__)
@@ -143,7 +153,7 @@ def parse_args(argv=None):
     g.add_argument("--gram-batches", type=int, help="batches of the after-task pass (default: all)")
     g.add_argument("--warmup", type=int, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float)
-    args = common.finalize_args(p.parse_args(argv), "gnsp", DEFAULTS)
+    args = common.finalize_args(p.parse_args(argv), "gnsp", DEFAULTS, PROTOCOL_DEFAULTS)
     if not 0 < args.rho <= 1:
         raise common.UserError(f"--rho must be in (0, 1], got {args.rho}")
     if not args.temperature > 0:
@@ -157,11 +167,12 @@ def parse_args(argv=None):
 def hparams(args, task, t: int) -> common.HParams:
     """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS (MTIL:
     the task's entry of the order's config)."""
-    d = common.defaults_for(args, DEFAULTS)
+    d = common.defaults_for(args, DEFAULTS, PROTOCOL_DEFAULTS, task)
     lr, iterations = d["lr_iterations_per_task"].get(args.order, {}).get(task.name, (d["lr"], d["iterations"]))
     iterations = args.iterations or iterations
-    # MTIL: the code's warm-up as given, even for a 100-step task (run_mtil.py); toy: as finetune.py
-    warmup = args.warmup if args.benchmark == "mtil" else min(args.warmup, iterations // 2)
+    # MTIL (and CIL, X-TAIL): the code's warm-up as given, even for a 100-step task (run_mtil.py);
+    # the toy benchmarks: as finetune.py
+    warmup = min(args.warmup, iterations // 2) if common.is_toy(args.benchmark) else args.warmup
     return common.HParams(iterations, args.batch_size or d["batch_size"], args.lr if args.lr is not None else lr,
                           warmup=warmup, schedule="warmup+cosine")
 
@@ -254,10 +265,10 @@ def modality_alignment_preservation(Z: torch.Tensor, Y: torch.Tensor, smoothing:
 
 
 def check_data(args) -> None:
-    """Before loading the model: every missing MTIL dataset and the ImageNet reference data."""
-    if args.benchmark != "mtil":
+    """Before loading the model: every missing dataset of the benchmark and the ImageNet reference data."""
+    if common.is_toy(args.benchmark):
         return
-    missing = data.mtil_missing(args.data_root, data.MTIL_ORDERS[args.order])
+    missing = common.missing_data(args)
     if args.ref_data != "none":
         missing += data.imagenet_missing(args.data_root)
     if missing:
@@ -268,15 +279,18 @@ def reference_data(args, tasks: list, model: common.ClipView) -> list | None:
     """Each task's reference pairs for CD and MAP, or None (--ref-data none)."""
     if args.ref_data == "none":
         return None
-    if args.benchmark == "toy":
+    if common.is_toy(args.benchmark):
         # CHOICE: one fixed toy reference sample for every task (the toy world's pretraining
         # distribution plays ImageNet's role).
         return [data.toy_reference(seed=0, n=args.ref_n, split="train")] * len(tasks)
     ev = data.clip_transforms(model.image_size)[1]
     # helpers.py:prepare_ref_dataset: 1000 ImageNet-train images per task, seed 42 + the task's index in Order I, eval transform.
-    # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42).
-    return [data.imagenet_reference(args.data_root, args.ref_n, args.seed + data.MTIL_ORDERS["I"].index(t.name), ev)
-            for t in tasks]
+    # CHOICE: seed = --seed + index (= the code's 42 + index at the default --seed 42); a CIL step
+    # (no MTIL dataset) takes --seed + its step index.
+    order = data.MTIL_ORDERS["I"]
+    return [data.imagenet_reference(args.data_root, args.ref_n, args.seed + (order.index(task.name) if task.name in order
+                                                                              else t), ev)
+            for t, task in enumerate(tasks)]
 
 
 @torch.no_grad()
@@ -318,7 +332,7 @@ def setup(args, device):
     Z0 = [teacher_logits(model, refs[t], ref_batch_size(args, tasks[t], t), args, device)
           for t in range(common.n_train_tasks(args, tasks))] if refs else None
     # the reference images are never held out (MTIL; toy: another split)
-    seen = {f for r in refs for f in r.files} if refs and args.benchmark == "mtil" and args.align_n else None
+    seen = {f for r in refs for f in r.files} if refs and not common.is_toy(args.benchmark) and args.align_n else None
     return model, tasks, {"refs": refs, "Z0": Z0, "align": common.Alignment(model, args, device, exclude=seen),
                           "n_tasks": len(tasks), "M": {}}   # M: layer name -> accumulated statistics (d_in, d_in), CPU
 

@@ -57,6 +57,8 @@ Markers in the code:
 
 Run:    python igsp.py --benchmark toy                           # CPU, minutes
         python igsp.py --benchmark toy --variant moe-adapters    # the baseline
+        python igsp.py --benchmark cil-cifar100 --steps 10 --variant moe-adapters --data-root ~/data  # CIL
+        python igsp.py --benchmark xtail --data-root ~/data      # X-TAIL; toy-cil / toy-xtail on the CPU
         python igsp.py --order I --data-root ~/data              # MTIL, GPU
 """
 from __future__ import annotations
@@ -96,6 +98,7 @@ DEFAULTS = {
     "lr_per_task": (_LR_FULL_SHOT, {}),         # full-shot script: lr=(...)
     "lr_per_task_few_shot": (_LR_FEW_SHOT, {}),  # few-shot script: lr=(...)
     "warmup": (100, 10),                        # src/args.py --warmup_length. toy: CHOICE: measured, see notes/igsp.md
+    "warmup_cap": (True, True),                 # CHOICE: warm-up at most half the task's steps (none at MTIL's 100 of 1000)
     "label_smoothing": (0.2, 0.2),              # scripts: --ls 0.2
     "weight_decay": (0.0, 0.0),                 # src/args.py --wd
     # -- MoE-Adapters: experts and routers (clip/model.py, src/args.py)
@@ -105,6 +108,7 @@ DEFAULTS = {
     "top_k": (2, 2),                            # src/args.py --topk
     "experts": (22, 22),                        # moe-adapters: scripts num=22
     "freeze_per_task": (2, 2),                  # moe-adapters: src/models/finetune.py, topk(choose_map, 2)
+    "routers": ("per-task", "per-task"),        # moe-adapters: mtil/ clip/model.py, router_list[taskid]
     # -- iGSP: RECONSTRUCTED (every value; the toy ones marked)
     "candidates": (4, 4),                       # M per block and encoder
     "lambda_s": (0.1, 0.01),                    # Omega_sub weight. toy: CHOICE: measured, see notes/igsp.md
@@ -132,6 +136,26 @@ DEFAULTS = {
     "align_n": (1000, 1000),                    # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
 }
 
+# CIL and X-TAIL (notes/protocols.md): what differs from the column above (cil, xtail: MTIL's;
+# toy-cil, toy-xtail: toy's). MoE-Adapters on CIL: its cil/configs/class/*.yaml exactly (AdamW lr
+# 1e-3, wd 0, ls 0, cosine after 30 warm-up iterations, uncapped, one epoch per step, batch 128 /
+# 64); cil/continual_clip/models.py:ClassIncremental.train. iGSP (CHOICE): the same epoch and
+# batch, its MTIL lr, warm-up and losses otherwise. X-TAIL is 16-shot (common.PROTOCOL_COMMON):
+# both variants take the few-shot script's iterations and per-dataset lrs.
+# MoE-Adapters' cil/ module is not its mtil/ one (cil/clip/model.py:ResidualAttentionBlock:
+# experts_num = 2, top_k = 2, ffn_num 64, step = 1, so router_list holds one router, and
+# cil/continual_clip/models.py calls the model with taskid 0 in training and test): one router
+# and two experts for the whole run, all trained at every step, nothing frozen, no task selector.
+# `--routers shared` is that module (toy-cil too, at the toy's width). iGSP keeps its MTIL module
+# on CIL (CHOICE): a router per step, its history frozen, the selector choosing a step per image.
+PROTOCOL_DEFAULTS = {
+    "cil": {"iterations": common.EPOCH, "batch_size": common.CIL_BATCH},
+    "cil:moe-adapters": {"lr": 1e-3, "lr_per_task": {}, "warmup": 30, "warmup_cap": False, "label_smoothing": 0.0,
+                         "weight_decay": 0.0, "experts": 2, "freeze_per_task": 0, "routers": "shared"},
+    "toy-cil:moe-adapters": {"experts": 2, "freeze_per_task": 0, "routers": "shared"},
+}
+MOE_ONLY_FLAGS = ("experts", "freeze_per_task", "routers")      # moe-adapters' module; igsp grows its own
+
 
 def parse_args(argv=None):
     p = common.common_parser("igsp", __doc__)
@@ -148,6 +172,9 @@ def parse_args(argv=None):
     g.add_argument("--freeze-per-task", type=int,
                    help="moe-adapters: most used experts frozen per task; 0 = none (ablation: every expert "
                         "keeps training in later tasks)")
+    g.add_argument("--routers", choices=["per-task", "shared"],
+                   help="moe-adapters: a router per task chosen by the task selector (mtil/), or one router "
+                        "for every task and no selector (cil/; the default on cil-* and toy-cil)")
     g.add_argument("--candidates", type=int, help="igsp (RECONSTRUCTED): M candidates per block and encoder")
     g.add_argument("--lambda-s", type=float, help="igsp (RECONSTRUCTED): weight of Omega_sub in Phase 1")
     g.add_argument("--lambda-o", type=float, help="igsp (RECONSTRUCTED): weight of Omega_orth in Phase 2")
@@ -171,7 +198,11 @@ def parse_args(argv=None):
     g.add_argument("--oracle-eval", action="store_true",
                    help="also evaluate with the true task identity (summary.json acc_oracle)")
     args = p.parse_args(argv)
-    args = common.finalize_args(args, args.variant, DEFAULTS)     # the run's method: igsp | moe-adapters
+    given = [n for n in MOE_ONLY_FLAGS if getattr(args, n) is not None]
+    if args.variant == "igsp" and given:
+        raise common.UserError(f"--{given[0].replace('_', '-')} is for --variant moe-adapters; "
+                               "igsp adds --candidates experts per task and freezes them all")
+    args = common.finalize_args(args, args.variant, DEFAULTS, PROTOCOL_DEFAULTS)  # the run's method: igsp | moe-adapters
     for name in ("bottleneck", "top_k", "experts", "candidates", "selector_hidden", "selector_samples"):
         if getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -185,12 +216,13 @@ def parse_args(argv=None):
 def hparams(args, task, t: int) -> common.HParams:
     """Task t's iterations, batch size, lr and warm-up: the flag if given, else DEFAULTS (the
     few-shot script's table with --few-shot)."""
-    d = common.defaults_for(args, DEFAULTS)
+    d = common.defaults_for(args, DEFAULTS, PROTOCOL_DEFAULTS, task)
     few = "_few_shot" if args.few_shot else ""
     iterations = args.iterations or d["iterations" + few]
     lr = args.lr if args.lr is not None else d["lr_per_task" + few].get(task.name, d["lr"])
     return common.HParams(iterations, args.batch_size or d["batch_size"], lr,
-                          warmup=min(args.warmup, iterations // 2), schedule="warmup+cosine")
+                          warmup=min(args.warmup, iterations // 2) if d["warmup_cap"] else args.warmup,
+                          schedule="warmup+cosine")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,30 +530,39 @@ def evaluate_task_free(model, moes: dict[str, MoEMLP], selector: TaskSelector, t
     task router (or CLIP), that router's image feature and that router's text head for the
     dataset's classes (route_images). Also, per dataset, the selector's accuracy (%): a seen
     dataset d <= t should get router d, an unseen one the untouched CLIP. `oracle`: use exactly
-    that choice."""
+    that choice. CIL and X-TAIL: the columns of common.eval_sets (the test images of step d's
+    classes / of domain d, over the union head), the same rule: an image of a class seen at step d
+    should get router d (CIL: every column is seen; NaN for a step not seen yet). `--routers
+    shared`: every image through the one router, as cil/ evaluates (taskid 0); no selector rates."""
     model.eval()
-    row, sel_row = [], []
+    row, sel_row, heads = [], [], {}                                # heads: (route, classes, prompts) -> (e, C)
     with torch.inference_mode(), common.autocast(device, args.amp):
-        for d, task in enumerate(tasks):
+        for d, task in enumerate(common.eval_sets(tasks, t, args.benchmark)):
+            if task is None:
+                row.append(float("nan"))
+                sel_row.append(float("nan"))
+                continue
             target = d if d <= t else -1
-            heads, correct, hit, n = {}, 0, 0, 0
+            forced = router_of(t, args) if shared(args) else (target if oracle else None)
+            correct, hit, n = 0, 0, 0
             prompts = common.eval_templates(task.templates, d, t, args.eval_prompts)
             for images, labels in common.make_loader(task.test, args.eval_batch_size, shuffle=False, seed=0,
                                                      workers=args.workers, device=device):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                f, choice = route_images(model, moes, selector, images, args, target if oracle else None)  # (N, e), (N,)
+                f, choice = route_images(model, moes, selector, images, args, forced)  # (N, e), (N,)
                 pred = torch.empty_like(labels)
                 for s in choice.unique().tolist():
                     rows = (choice == s).nonzero().squeeze(1)
-                    if s not in heads:
+                    key = (s, tuple(task.classnames), tuple(prompts))
+                    if key not in heads:
                         set_route(moes, None if s < 0 else s)
-                        heads[s] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
-                    pred[rows] = (f[rows] @ heads[s].to(f.dtype)).argmax(-1)
+                        heads[key] = common.zeroshot_head(model, task.classnames, prompts, device)  # (e, C)
+                    pred[rows] = (f[rows] @ heads[key].to(f.dtype)).argmax(-1)
                 correct += (pred == labels).sum().item()
                 hit += (choice == target).sum().item()
                 n += len(labels)
             row.append(100.0 * correct / max(n, 1))
-            sel_row.append(100.0 * hit / max(n, 1))
+            sel_row.append(float("nan") if shared(args) else 100.0 * hit / max(n, 1))
     set_route(moes, None)
     return row, sel_row
 
@@ -532,9 +573,10 @@ def alignment_info(model, method: dict, t: int, args, device) -> dict:
     selector sends it (a task router or CLIP), its caption is scored under that image's router
     (the MoE sits in the text tower too), so the metrics are those of the model that is evaluated."""
     moes, selector = method["moes"], method["selector"]
-    if t < 0 or not selector.aes:                                   # no task yet: the untouched CLIP
+    if t < 0 or (not selector.aes and not shared(args)):            # no task yet: the untouched CLIP
         set_route(moes, None)
         return method["align"].info(model, t, args, device)
+    forced = router_of(t, args) if shared(args) else None           # the one router, or the selector
 
     def encode_texts(captions: list[str], s: int) -> torch.Tensor:  # (C, e) under router s (CLIP for -1)
         set_route(moes, None if s < 0 else s)
@@ -542,7 +584,7 @@ def alignment_info(model, method: dict, t: int, args, device) -> dict:
 
     try:
         return method["align"].info(model, t, args, device,
-                                    lambda x: route_images(model, moes, selector, x, args), encode_texts)
+                                    lambda x: route_images(model, moes, selector, x, args, forced), encode_texts)
     finally:
         set_route(moes, None)
 
@@ -570,6 +612,7 @@ def moe_adapters_trainable(trained: int, moes: dict[str, MoEMLP], t: int, n_task
 
 
 def _mean(v: list[float]):
+    v = [x for x in v if not math.isnan(x)]                         # NaN: a CIL step not seen yet
     return round(sum(v) / len(v), 2) if v else None
 
 
@@ -606,17 +649,30 @@ def setup(args, device):
 # ---------------------------------------------------------------------------------------------
 
 
+def shared(args) -> bool:
+    """moe-adapters with `--routers shared` (cil/): one router trained at every task, no selector."""
+    return args.variant == "moe-adapters" and args.routers == "shared"
+
+
+def router_of(t: int, args) -> int:
+    """The router task t trains and its test images use: its own, or the one shared router."""
+    return 0 if shared(args) else t
+
+
 def begin_task(moes: dict[str, MoEMLP], t: int, args) -> None:
     """igsp (abstract: "candidate experts via basis pre-expansion"; RECONSTRUCTED: M zero-output
     candidates after the frozen H); moe-adapters: the fixed pool (created at task 1), frozen
-    experts stay frozen. Both: a new router."""
+    experts stay frozen. Both: a new router; `--routers shared`: the one router, trained again."""
     for m in moes.values():
         if args.variant == "igsp":
             add_experts(m, args.candidates, args)                   # C_t after H = experts[:n_hist]
         elif not m.experts:
             add_experts(m, args.experts, args)
-        m.add_router(len(m.experts))                                # W_g^t, W_noise^t: zeros (d, n)
-        m.route = t
+        if len(m.W_g) <= router_of(t, args):
+            m.add_router(len(m.experts))                            # W_g^t, W_noise^t: zeros (d, n)
+        m.W_g[router_of(t, args)].requires_grad_(True)
+        m.W_noise[router_of(t, args)].requires_grad_(True)
+        m.route = router_of(t, args)
 
 
 def _loss(model, task, images, labels, args, device, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -705,8 +761,8 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
     t_start = time.time()
     moes, selector, report = method["moes"], method["selector"], method["report"]
     for name, m in moes.items():
-        m.W_g[t].requires_grad_(False)
-        m.W_noise[t].requires_grad_(False)
+        m.W_g[router_of(t, args)].requires_grad_(False)
+        m.W_noise[router_of(t, args)].requires_grad_(False)
         if args.variant == "igsp":
             m.experts.requires_grad_(False)
             m.n_hist = len(m.experts)
@@ -714,7 +770,8 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
             # CHOICE: usage counted over this task only (whether choose_map persists across the
             # official per-task processes is not visible in the code).
             freeze_most_used(m, method["choose_map"][name], args.freeze_per_task)
-    selector.fit(clip_features(model, moes, task.train, args, device), args)
+    if not shared(args):
+        selector.fit(clip_features(model, moes, task.train, args, device), args)
     seconds = time.time() - t_start
     n = param_counts(moes, selector)
     if args.variant == "igsp":
@@ -722,7 +779,8 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
         ae = sum(p.numel() for p in selector.aes[t].parameters())
         trainable = max(report["trainable_phase1"], report["trainable_phase2"]) + ae
     else:
-        trainable = moe_adapters_trainable(report["trainable_phase1"], moes, t, method["n_tasks"])
+        trainable = (report["trainable_phase1"] if shared(args)   # cil/: one router in all
+                     else moe_adapters_trainable(report["trainable_phase1"], moes, t, method["n_tasks"]))
     info = {"trainable_params": trainable, "trainable": trainable, "total_params": n["total"],
             "expert_params": n["experts"], "router_params": n["routers"], "selector_params": n["selector"],
             "experts_per_block": round(sum(len(m.experts) for m in moes.values()) / len(moes), 2),
@@ -749,14 +807,15 @@ def evaluate(model: common.ClipView, method: dict, tasks: list, t: int, args, de
         return common.evaluate_all(model, tasks, args, device, t), alignment_info(model, method, t, args, device)
     row, sel = evaluate_task_free(model, moes, selector, tasks, t, args, device)
     info = {"selector_acc_seen": _mean(sel[:t + 1]), "selector_fallback_unseen": _mean(sel[t + 1:])}
-    if args.oracle_eval:
+    if args.oracle_eval and not shared(args):                       # shared: no task identity to use
         info["acc_oracle"] = evaluate_task_free(model, moes, selector, tasks, t, args, device, oracle=True)[0]
     r = method["report"]
     what = (f"T1 {r['T1']}  kept {r['candidates_kept']}/{r['candidates']}" if args.variant == "igsp"
             else f"frozen {r['frozen_experts']}/{args.experts * len(moes)}")
     align = alignment_info(model, method, t, args, device)
-    info["note"] = (f"{what}  trainable {r['trainable']:,}  total {r['total_params']:,}  "
-                    f"selector {info['selector_acc_seen']}/{info['selector_fallback_unseen']}"
+    sel_note = ("one shared router" if shared(args)
+                else f"selector {info['selector_acc_seen']}/{info['selector_fallback_unseen']}")
+    info["note"] = (f"{what}  trainable {r['trainable']:,}  total {r['total_params']:,}  {sel_note}"
                     + (f"\n    {align.pop('note')}" if align else ""))
     return row, {**info, **align}
 

@@ -60,6 +60,8 @@ Run:    python keeplora.py --benchmark toy                        # KeepLoRA++ o
         python keeplora.py --benchmark toy --variant keeplora     # KeepLoRA (v1)
         python keeplora.py --order I --data-root ~/data           # MTIL, GPU
         python keeplora.py --benchmark toy --protect off          # ablation: A ignores M'
+        python keeplora.py --benchmark cil-cifar100 --steps 10 --data-root ~/data   # class-incremental
+        python keeplora.py --benchmark xtail --data-root ~/data   # X-TAIL; toy-cil / toy-xtail on the CPU
 """
 from __future__ import annotations
 
@@ -115,6 +117,13 @@ DEFAULTS = {
 # gamma 0.2 (@7abf7ec:MTIL/model/peft_vit.py:ViT_Tuner.__init__: build_layer_scales(gamma=0.2));
 # keeplora: B0 = S_r V_r^T (@a17f9c2:MTIL/trainer/trainer.py:Trainer.init_keeplora_with_grad) and
 # no layer scale (gamma 1).
+# CIL and X-TAIL (notes/protocols.md): what differs from the column above (cil, xtail: MTIL's;
+# toy-cil, toy-xtail: toy's). CHOICE: a CIL step is one epoch at the source config's batch size
+# (MoE-Adapters cil/configs/class/*.yaml), KeepLoRA's AdamW + OneCycleLR, lr and losses otherwise;
+# an X-TAIL domain keeps its Order-I entry of epoch_list (epochs over its 16 shots).
+# Task-free: nothing changes, KeepLoRA merges every task into W and keeps no task id: M' grows with
+# each step's / domain's features as with each MTIL task's.
+PROTOCOL_DEFAULTS = {"cil": {"iterations": common.EPOCH, "batch_size": common.CIL_BATCH, "epochs_per_task": None}}
 VARIANT_DEFAULTS = {"keeplora++": {"b_init": "zero", "gamma": 0.2},
                     "keeplora": {"b_init": "svd", "gamma": 1.0}}
 
@@ -154,7 +163,7 @@ def parse_args(argv=None):
                         "principal subspace) + the earlier tasks' features (the method); off (ablation): A from "
                         "the raw gradient G, so nothing is protected (M' is still kept and reported)")
     args = p.parse_args(argv)
-    args = common.finalize_args(args, args.variant, DEFAULTS)
+    args = common.finalize_args(args, args.variant, DEFAULTS, PROTOCOL_DEFAULTS)
     for name, value in VARIANT_DEFAULTS[args.variant].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -173,14 +182,15 @@ def hparams(args, task, t: int) -> common.HParams:
     """Task t's iterations, batch size and lr: the flag if given, else DEFAULTS. Schedule: AdamW
     with OneCycleLR at its PyTorch defaults (@a17f9c2:MTIL/trainer/trainer.py:
     Trainer.build_optimizer), whose own rise is part of the schedule: no separate warm-up."""
-    d = common.defaults_for(args, DEFAULTS)
+    d = common.defaults_for(args, DEFAULTS, PROTOCOL_DEFAULTS, task)
     bs = args.batch_size or d["batch_size"]
     if args.iterations:
         iterations = args.iterations
-    elif args.benchmark == "mtil":
+    elif d["epochs_per_task"]:                   # MTIL and X-TAIL: the dataset's entry of the order's list
         # DEVIATION: steps instead of epochs; the same count as the code's OneCycleLR
         # (epochs * len(train_loader), a loader without drop_last: ceil(N / batch) batches).
-        iterations = d["epochs_per_task"][args.order][t] * math.ceil(len(task.train) / bs)
+        epochs = d["epochs_per_task"][args.order][data.MTIL_ORDERS[args.order].index(task.name)]
+        iterations = epochs * math.ceil(len(task.train) / bs)
     else:
         iterations = d["iterations"]
     return common.HParams(iterations, bs, args.lr or d["lr"], warmup=0, schedule="onecycle")

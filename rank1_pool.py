@@ -26,6 +26,8 @@ Run:    python rank1_pool.py --benchmark toy                     # CPU, minutes
         python rank1_pool.py --order I --data-root ~/data        # 5-shot MTIL, GPU
         python rank1_pool.py --few-shot 0 --data-root ~/data     # full-shot MTIL (our choice)
         python rank1_pool.py --benchmark toy --ago paper --router learned   # the variants
+        python rank1_pool.py --benchmark cil-cifar100 --steps 10 --data-root ~/data   # class-incremental
+        python rank1_pool.py --benchmark xtail --data-root ~/data   # X-TAIL; toy-cil / toy-xtail on the CPU
 
 DEVIATIONS from the official code (each marked `# DEVIATION:` below):
   * exactly --iterations steps per task (the code's loop runs iterations + 1 = 501);
@@ -91,6 +93,14 @@ DEFAULTS = {
     "align_n": (1000, 1000),                 # CHOICE: held-out pairs of the alignment metrics (common.Alignment)
 }
 
+# CIL and X-TAIL (notes/protocols.md): what differs from the column above (cil, xtail: MTIL's;
+# toy-cil, toy-xtail: toy's). CHOICE: a CIL step is one epoch of all its images (--few-shot 0) at
+# the source config's batch size (MoE-Adapters cil/configs/class/*.yaml), DAC's optimiser, lr and
+# losses otherwise; X-TAIL is 16-shot (common.PROTOCOL_COMMON), so its domains take the few-shot
+# budget above (500 iterations) and the order's per-task lrs.
+# Task-free: nothing changes, the pool composes per batch and each task is merged into the weights.
+PROTOCOL_DEFAULTS = {"cil": {"iterations_full_shot": common.EPOCH, "batch_size": common.CIL_BATCH}}
+
 
 def parse_args(argv=None):
     p = common.common_parser("rank1_pool", __doc__)
@@ -116,7 +126,7 @@ def parse_args(argv=None):
                         "(python random seeded with --seed, one randint) or templates[0]")
     g.add_argument("--eval-before-merge", action="store_true",
                    help="also evaluate the current task with the routed pool before merging (extra)")
-    args = common.finalize_args(p.parse_args(argv), "rank1_pool", DEFAULTS)
+    args = common.finalize_args(p.parse_args(argv), "rank1_pool", DEFAULTS, PROTOCOL_DEFAULTS)
     args.towers = list(args.towers)                                  # a copy, never the DEFAULTS list
     if not 1 <= args.top_k <= args.rank or not 1 <= args.merge_k <= args.rank:
         raise common.UserError(f"need 1 <= --top-k, --merge-k <= --rank ({args.rank}), "
@@ -130,7 +140,7 @@ def hparams(args, task, t: int) -> common.HParams:
     """Task t's iterations, batch size and lr: the flag if given, else DEFAULTS (the order's lr
     table; full data uses "iterations_full_shot"). Cosine from lr to --eta-min, no warm-up
     (Fazhan-cs/DAC@bb1e2c0:mtil/src/models/alora.py:alora, CosineAnnealingLR)."""
-    d = common.defaults_for(args, DEFAULTS)
+    d = common.defaults_for(args, DEFAULTS, PROTOCOL_DEFAULTS, task)
     lr = args.lr if args.lr is not None else d["lr_per_task"].get(args.order, {}).get(task.name, d["lr"])
     iterations = d["iterations_full_shot"] if args.few_shot == 0 else d["iterations"]
     return common.HParams(args.iterations or iterations, args.batch_size or d["batch_size"], lr,

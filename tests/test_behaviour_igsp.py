@@ -32,6 +32,11 @@ def _args(*extra):
                             "--selector-samples", "16", "--selector-steps", "3", *extra])
 
 
+def variant_flags(variant, experts):
+    """--variant, and the fixed pool's size for moe-adapters (igsp grows its own: --experts is refused)."""
+    return ["--variant", variant] + (["--experts", str(experts)] if variant == "moe-adapters" else [])
+
+
 def _task(name, seed, n=16, C=3):
     g = torch.Generator().manual_seed(seed)
     ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(C, (n,), generator=g))
@@ -350,7 +355,7 @@ def test_reported_loss_composition(monkeypatch, variant, lambdas):
     penalties are replaced by constants, CE is recorded."""
     model = _clip()
     l_s, l_o = lambdas
-    args = _args("--variant", variant, "--experts", "4", "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0",
+    args = _args(*variant_flags(variant, 4), "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0",
                  "--lambda-s", str(l_s), "--lambda-o", str(l_o))
     method = igsp.init_method(model, args, 1)
     moes = method["moes"]
@@ -401,7 +406,7 @@ def test_training_loss_is_label_smoothed_clip_ce():
 def test_lr_schedule_every_step(variant, iterations, warmup, want_warmup):
     """The lr of every optimiser step (both phases): linear warm-up, then cosine to 0; wd as flagged."""
     model = _clip()
-    args = _args("--variant", variant, "--experts", "4", "--iterations", str(iterations), "--warmup", str(warmup),
+    args = _args(*variant_flags(variant, 4), "--iterations", str(iterations), "--warmup", str(warmup),
                  "--lr", "0.01", "--t1-min", "0.5", "--t1-max", "0.5", "--prune-tau", "0")
     assert args.weight_decay == 0.0
     method = igsp.init_method(model, args, 1)
@@ -425,7 +430,7 @@ def test_lr_schedule_every_step(variant, iterations, warmup, want_warmup):
 @pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
 def test_clip_weights_and_logit_scale_never_change(variant):
     model = _clip()
-    args = _args("--variant", variant, "--experts", "4", "--lr", "0.1", "--t1-min", "0.5", "--t1-max", "0.5",
+    args = _args(*variant_flags(variant, 4), "--lr", "0.1", "--t1-min", "0.5", "--t1-max", "0.5",
                  "--prune-tau", "0")
     method = igsp.init_method(model, args, 2)
     before = _clip_params(model)
@@ -811,3 +816,94 @@ def test_mtil_defaults_and_flags_reach_the_experts(variant, n):
             assert len(m.experts) == n and m.W_g[0].shape == (m.d, n), name
             got = {(e.down.out_features, e.s, e.drop.p, m.k) for e in m.experts}
             assert got == {want}, f"{name} {extra}: (r, scale, dropout, top-k) {got}, want {want}"
+
+
+# ---- MoE-Adapters' class-incremental module (cil/): one router, two experts, nothing frozen ----
+
+
+def _cil_args(*extra):
+    return igsp.parse_args(["--benchmark", "toy-cil", "--variant", "moe-adapters", "--no-progress",
+                            "--iterations", "6", "--batch-size", "4", "--lr", "0.05", *extra])
+
+
+def test_moe_adapters_cil_module_defaults():
+    """cil/clip/model.py: experts_num 2, top_k 2, step 1 (one router); nothing frozen between steps;
+    on the real CIL benchmarks and toy-cil; MTIL keeps a router per task. The module flags are
+    moe-adapters' only: igsp refuses them in one line."""
+    for bench in (["--benchmark", "cil-cifar100"], ["--benchmark", "cil-tinyimagenet", "--steps", "5"],
+                  ["--benchmark", "toy-cil"]):
+        a = igsp.parse_args([*bench, "--variant", "moe-adapters"])
+        assert (a.routers, a.experts, a.top_k, a.freeze_per_task) == ("shared", 2, 2, 0), bench
+    for bench in ("mtil", "toy", "xtail", "toy-xtail"):
+        a = igsp.parse_args(["--benchmark", bench, "--variant", "moe-adapters"])
+        assert (a.routers, a.experts, a.freeze_per_task) == ("per-task", 22, 2), bench
+    assert igsp.parse_args(["--benchmark", "toy-cil", "--variant", "moe-adapters", "--routers", "per-task",
+                            "--experts", "6"]).experts == 6
+    for flag in (["--experts", "4"], ["--freeze-per-task", "0"], ["--routers", "shared"]):
+        with pytest.raises(common.UserError, match=flag[0]):
+            igsp.parse_args(["--benchmark", "toy", *flag])
+
+
+def test_moe_adapters_shared_router_trains_everything_at_every_step():
+    """Step 2 of a shared-router run: no new router or expert, and its real AdamW steps change the
+    one router, its noise matrix and both experts of every block (nothing is frozen), so step 1's
+    outputs on its stored images move (the cil/ module protects nothing; the parameter count is
+    the step's own, one router in all). No selector is fitted."""
+    model = _clip()
+    args = _cil_args()
+    tasks = [_task("A", 1), _task("B", 2)]
+    method = igsp.init_method(model, args, 2)
+    moes = method["moes"]
+    common.seed_all(0)
+    trained = igsp.train_task(model, method, tasks[0], 0, args, CPU)
+    after = igsp.after_task(model, method, tasks[0], 0, args, CPU)
+    assert after["frozen_experts"] == 0 and after["trainable_params"] == trained["trainable_phase1"]
+    assert not method["selector"].aes, "no task selector with one shared router"
+    stored = tasks[0].test.tensors[0][:8]
+    igsp.set_route(moes, 0)
+    with torch.no_grad():
+        ref = model.encode_image(stored)
+    before = {n: [p.detach().clone() for p in [m.W_g[0], m.W_noise[0], *m.experts.parameters()]]
+              for n, m in moes.items()}
+    common.seed_all(1)
+    igsp.train_task(model, method, tasks[1], 1, args, CPU)
+    for n, m in moes.items():
+        assert len(m.W_g) == len(m.W_noise) == 1 and len(m.experts) == 2, n
+        now = [m.W_g[0], m.W_noise[0], *m.experts.parameters()]
+        assert not torch.equal(now[0], before[n][0]), f"{n}: the shared router must train at step 2"
+        for j in range(2):                                       # each expert: down + up weights and biases
+            assert any(not torch.equal(a, b) for a, b in zip(now[2 + 4 * j:6 + 4 * j], before[n][2 + 4 * j:6 + 4 * j])), \
+                f"{n}: expert {j} must train at step 2"
+    igsp.set_route(moes, 0)
+    with torch.no_grad():
+        moved = (model.encode_image(stored) - ref).abs().max().item()
+    assert moved > 1e-4, f"step 1's outputs should move under the shared router ({moved:.2e})"
+
+
+def test_moe_adapters_shared_router_routes_every_test_image_through_it(monkeypatch):
+    """Evaluation with one shared router (cil/ calls the model with taskid 0): every test image of
+    every column, seen or not, goes through router 0, the selector is never asked, and no selector
+    rate is reported; the row equals a plain evaluation under route 0."""
+    model = _clip()
+    args = _cil_args("--eval-batch-size", "8", "--align-n", "0")
+    tasks = [_task("A", 1), _task("B", 2), _task("C", 3)]
+    method = igsp.init_method(model, args, 3)
+    method["align"] = common.Alignment(model, args, CPU)          # --align-n 0: no pairs, no metrics
+    moes = method["moes"]
+    for t in range(2):
+        common.seed_all(t)
+        igsp.train_task(model, method, tasks[t], t, args, CPU)
+        igsp.after_task(model, method, tasks[t], t, args, CPU)
+    monkeypatch.setattr(igsp.TaskSelector, "select", lambda *a, **k: pytest.fail("the selector was asked"))
+    targets = []
+    real = igsp.route_images
+    monkeypatch.setattr(igsp, "route_images", lambda *a, **k: targets.append(a[5] if len(a) > 5 else k.get("target"))
+                        or real(*a, **k))
+    args.benchmark = "toy"                                       # the columns: the three tasks, each its own head
+    row, info = igsp.evaluate(model, method, tasks, 1, args, CPU)
+    assert targets and set(targets) == {0}
+    assert info["selector_acc_seen"] is None and info["selector_fallback_unseen"] is None
+    assert "one shared router" in info["note"]
+    igsp.set_route(moes, 0)
+    want = [common.evaluate(model, task, CPU, 8, 0, "off", False, task.templates) for task in tasks]
+    assert row == pytest.approx(want)

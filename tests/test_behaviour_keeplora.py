@@ -27,6 +27,7 @@ from hypothesis import given, settings, strategies as st
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
+import data
 import keeplora as kl
 
 CPU = torch.device("cpu")
@@ -151,11 +152,19 @@ def test_parse_args_rejects_bad_numbers(bad):
 def test_mtil_task_hparams_follow_official_configs(order, epochs):
     # official configs: AdamW lr 1e-3, batch 64, steps per task = epochs * ceil(N / 64)
     args = kl.parse_args(["--order", order])
-    task = SimpleNamespace(train=range(1000))
+    names = data.MTIL_ORDERS[order]
     for t, e in enumerate(epochs):
+        task = SimpleNamespace(train=range(1000), name=names[t])
         hp = kl.hparams(args, task, t)
         assert (hp.iterations, hp.batch_size, hp.lr, hp.warmup, hp.schedule) == \
             (e * math.ceil(1000 / 64), 64, 1e-3, 0, "onecycle"), f"order {order}, task {t}: {hp}"
+    # X-TAIL (Order I only) drops CIFAR-100: each domain keeps its own entry, not its position's
+    xt = kl.parse_args(["--benchmark", "xtail"])
+    kept = [(n, e) for n, e in zip(names, epochs) if n != "CIFAR100"] if order == "I" else []
+    for t, (n, e) in enumerate(kept):
+        hp = kl.hparams(xt, SimpleNamespace(train=range(1000), name=n), t)
+        assert hp.iterations == e * math.ceil(1000 / 64), f"xtail {order}, {n}: {hp}"
+    task = SimpleNamespace(train=range(1000), name=names[3])
     assert len(kl.DEFAULTS["epochs_per_task"][0][order]) == 11
     over = kl.parse_args(["--order", order, "--iterations", "7", "--batch-size", "5", "--lr", "0.02"])
     hp = kl.hparams(over, task, 3)

@@ -305,7 +305,11 @@ def test_eval_templates_rules(n, d, t):
 
 def test_gnsp_evaluation_rows_use_the_codes_prompts(monkeypatch, tiny_clip):
     used = []
-    monkeypatch.setattr(common, "evaluate", lambda model, task, *a: used.append((task.name, a[-1])) or 0.0)
+    def fake_evaluate(model, task, device, batch_size=128, workers=0, amp="off", progress_bar=False,
+                      templates=None, heads=None):
+        used.append((task.name, templates))
+        return 0.0
+    monkeypatch.setattr(common, "evaluate", fake_evaluate)
     tasks = [data.Task(n, ["a"], ["x {}", "y {}"], [], []) for n in "ABC"]
     args = gnsp.parse_args(["--benchmark", "toy"])
     common.evaluate_all(tiny_clip, tasks, args, "cpu", 1)                  # the row after task B

@@ -24,6 +24,11 @@ def _args(*extra):
                             "--selector-steps", "5", *extra])
 
 
+def variant_flags(variant, experts):
+    """--variant, and the fixed pool's size for moe-adapters (igsp grows its own: --experts is refused)."""
+    return ["--variant", variant] + (["--experts", str(experts)] if variant == "moe-adapters" else [])
+
+
 def _task(name, seed, n=24, C=3):
     g = torch.Generator().manual_seed(seed)
     ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(C, (n,), generator=g))
@@ -75,7 +80,7 @@ def test_zero_output_experts_leave_clip_unchanged(tiny_clip, variant):
     images = torch.randn(3, 3, 32, 32)
     tokens = tiny_clip.tokenize(["a red circle.", "a square on a striped background."])
     ref_i, ref_t = tiny_clip.encode_image(images), tiny_clip.encode_text(tokens)
-    args = _args("--variant", variant, "--experts", "5")
+    args = _args(*variant_flags(variant, 5))
     moes = igsp.attach_moe(tiny_clip, args)
     igsp.begin_task(moes, 0, args)
     for m in moes.values():
@@ -307,7 +312,7 @@ def test_reported_trainable_count_and_note(tiny_clip, variant):
     autoencoder; moe-adapters: the code's count with every task's router); evaluate at t = -1 is
     CLIP's zero-shot row (and the zero-shot alignment metrics), at t >= 0 the task-free row with
     the selector metrics, the alignment metrics and the note."""
-    args = _args("--variant", variant, "--experts", "4", "--iterations", "6", "--t1-min", "0.5", "--t1-max", "0.5",
+    args = _args(*variant_flags(variant, 4), "--iterations", "6", "--t1-min", "0.5", "--t1-max", "0.5",
                  "--prune-tau", "0", "--eval-batch-size", "8", "--align-n", "12")
     tasks = [_task("A", 1), _task("B", 2), _task("C", 3)]
     method = igsp.init_method(tiny_clip, args, len(tasks))

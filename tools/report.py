@@ -24,6 +24,9 @@ Skipped, each with a line on stderr: a path that is not a folder, a folder witho
 summary.json, an unfinished run (complete is false: killed, or --max-tasks; --partial includes them,
 labelled), a run of another benchmark than --benchmark (default: the benchmark most runs have), and a
 run whose tasks differ from those of the other runs of its order (e.g. made before the toy world changed).
+
+Class-incremental runs (`--benchmark cil-*`, `toy-cil`: summary.json has `cil_acc`) get CIL's columns,
+Avg / Last (common.cil_metrics); their steps not seen yet are blank in the figures.
 """
 from __future__ import annotations
 
@@ -164,6 +167,15 @@ def zero_shot_metrics(s: dict) -> dict:
             "average": float(np.mean(z)), "last": float(np.mean(z))}
 
 
+def is_cil(runs: list[RunInfo]) -> bool:
+    return all("cil_acc" in r.summary for r in runs)
+
+
+def metric_cells(s: dict, cil: bool) -> list[str]:
+    """Transfer / Average / Last, or CIL's Avg / Last (the zero-shot CLIP's Avg is not recorded: "-")."""
+    return [r1(s.get("avg")), r1(s["last"])] if cil else [r1(s["transfer"]), r1(s["average"]), r1(s["last"])]
+
+
 def backward_forgetting(acc) -> str:
     """Mean over the tasks t < T of A[t, t] - A[T, t] (T = the last trained task): how much of what
     each task reached right after its own training is gone at the end. '-' for a one-task run."""
@@ -173,7 +185,7 @@ def backward_forgetting(acc) -> str:
 
 def table_rows(runs: list[RunInfo]) -> list[list[str]]:
     """The rows of one order's table: zero-shot rows, then each run (Continual-FT first)."""
-    rows, zs = [], {}
+    rows, zs, cil = [], {}, is_cil(runs)
     for r in runs:
         z = r.summary.get("zero_shot")
         if z:
@@ -188,17 +200,17 @@ def table_rows(runs: list[RunInfo]) -> list[list[str]]:
             label += (f" (eval prompts {' / '.join(pr)})" if by_prompts
                       else f" (as in {', '.join(sorted({NAMES.get(g.method, g.method) for g in group}))})")
         where = group[0].path.name + (f" and {len(group) - 1} more" if len(group) > 1 else "")
-        rows.append([label, group[0].summary["order"], r1(m["transfer"]), r1(m["average"]), r1(m["last"]), "-", "0",
-                     "-", where])
+        rows.append([label, group[0].summary["order"], *metric_cells(m, cil), "-", "0", "-", where])
     for r in sorted((r for r in runs if r.method != "zero-shot"), key=sort_key):
         s = r.summary
-        rows.append([r.label, s["order"], r1(s["transfer"]), r1(s["average"]), r1(s["last"]),
-                     backward_forgetting(s["acc_matrix"]), f"{int(s.get('trainable_params', 0)):,}", f"{s['seconds']:.0f}" if "seconds" in s else "-",
+        rows.append([r.label, s["order"], *metric_cells(s, cil), backward_forgetting(s["acc_matrix"]),
+                     f"{int(s.get('trainable_params', 0)):,}", f"{s['seconds']:.0f}" if "seconds" in s else "-",
                      r.path.name])
     return rows
 
 
 HEAD = ["method / variant", "order", "Transfer", "Average", "Last", "forgetting", "trainable params", "seconds", "run"]
+HEAD_CIL = ["method / variant", "order", "Avg", "Last", "forgetting", "trainable params", "seconds", "run"]
 
 
 def sort_key(r: RunInfo):
@@ -232,8 +244,9 @@ def markdown(runs: list[RunInfo]) -> str:
         rows = table_rows(group)
         parts.append(f"## {bench}, Order {order} ({len(group[0].summary['datasets'])} tasks: "
                      f"{', '.join(group[0].summary['datasets'])})\n")
-        parts.append("| " + " | ".join(HEAD) + " |")
-        parts.append("|" + "---|" * len(HEAD))
+        head = HEAD_CIL if is_cil(group) else HEAD
+        parts.append("| " + " | ".join(head) + " |")
+        parts.append("|" + "---|" * len(head))
         parts += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("")
         align = alignment_rows(group)
@@ -261,8 +274,8 @@ def plot_matrices(runs: list[RunInfo], path: Path) -> None:
     plt = _plt()
     mats = [np.asarray(([r.summary["zero_shot"]] if r.summary.get("zero_shot") else []) + r.summary["acc_matrix"],
                        dtype=float) for r in runs]
-    lo = min(float(m.min()) for m in mats)
-    hi = max(float(m.max()) for m in mats)
+    lo = min(float(np.nanmin(m)) for m in mats)                     # NaN: a CIL step not seen yet
+    hi = max(float(np.nanmax(m)) for m in mats)
     lo, hi = 5 * np.floor(lo / 5), max(5 * np.ceil(hi / 5), 5 * np.floor(lo / 5) + 5)
     n = len(runs)
     cols = min(n, 3)
@@ -280,11 +293,15 @@ def plot_matrices(runs: list[RunInfo], path: Path) -> None:
                       fontsize=7)
         if A.size <= 144:
             for (i, j), v in np.ndenumerate(A):
+                if np.isnan(v):
+                    continue
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if v < lo + 0.6 * (hi - lo) else "black")
         s = r.summary
         title = textwrap.fill(f"{r.label}, order {s['order']}", 12 + 6 * T)
-        ax.set_title(f"{title}\nT {r1(s['transfer'])} / A {r1(s['average'])} / L {r1(s['last'])}", fontsize=8)
+        metrics = (f"Avg {r1(s['avg'])} / Last {r1(s['last'])}" if "cil_acc" in s
+                   else f"T {r1(s['transfer'])} / A {r1(s['average'])} / L {r1(s['last'])}")
+        ax.set_title(f"{title}\n{metrics}", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, label="accuracy (%)")
@@ -307,7 +324,7 @@ def plot_curves(runs: list[RunInfo], path: Path) -> None:
             if name not in s["datasets"]:
                 continue
             d = s["datasets"].index(name)
-            ys = ([s["zero_shot"][d]] if s.get("zero_shot") else []) + [row[d] for row in s["acc_matrix"]]
+            ys = ([s["zero_shot"][d]] if s.get("zero_shot") else []) + [np.nan if row[d] is None else row[d] for row in s["acc_matrix"]]
             x0 = 0 if s.get("zero_shot") else 1
             c, ls = colours[i % len(colours)], ["-", "--", ":", "-."][i // len(colours) % 4]
             ax.plot(range(x0, x0 + len(ys)), ys, color=c, ls=ls, lw=1.2, label=f"{r.label}, order {s['order']}")
@@ -336,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (each with summary.json and config.json)")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures (default runs/report)")
-    p.add_argument("--benchmark", choices=["mtil", "toy"], help="report this benchmark (default: the one most runs have)")
+    p.add_argument("--benchmark", choices=["mtil", "toy", "cil-cifar100", "cil-tinyimagenet", "xtail", "toy-cil",
+                                           "toy-xtail"], help="report this benchmark (default: the one most runs have)")
     p.add_argument("--partial", action="store_true", help="include unfinished runs, labelled partial")
     a = p.parse_args(argv)
     runs, skipped, seen = [], [], set()

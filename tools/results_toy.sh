@@ -42,6 +42,22 @@ RUNS=(
   "igsp-nosubspace-II        igsp.py --lambda-s 0 --lambda-o 0 --order II --oracle-eval"
   "moe-adapters-nofreeze-I   igsp.py --variant moe-adapters --freeze-per-task 0 --order I --oracle-eval"
   "moe-adapters-nofreeze-II  igsp.py --variant moe-adapters --freeze-per-task 0 --order II --oracle-eval"
+  # the toy versions of the two other protocols (README, "Class-incremental learning (CIL) and X-TAIL")
+  "cil-zero-shot             finetune.py --mode zero-shot --benchmark toy-cil"
+  "cil-finetune              finetune.py --benchmark toy-cil"
+  "cil-gnsp                  gnsp.py --benchmark toy-cil"
+  "cil-keeplora              keeplora.py --benchmark toy-cil"
+  "cil-keeplora-v1           keeplora.py --variant keeplora --benchmark toy-cil"
+  "cil-rank1_pool            rank1_pool.py --benchmark toy-cil"
+  "cil-igsp                  igsp.py --benchmark toy-cil"
+  "cil-moe-adapters          igsp.py --variant moe-adapters --benchmark toy-cil"
+  "xtail-finetune            finetune.py --benchmark toy-xtail"
+  "xtail-gnsp                gnsp.py --benchmark toy-xtail"
+  "xtail-keeplora            keeplora.py --benchmark toy-xtail"
+  "xtail-keeplora-v1         keeplora.py --variant keeplora --benchmark toy-xtail"
+  "xtail-rank1_pool          rank1_pool.py --benchmark toy-xtail"
+  "xtail-igsp                igsp.py --benchmark toy-xtail"
+  "xtail-moe-adapters        igsp.py --variant moe-adapters --benchmark toy-xtail"
 )
 one() {  # name script flags...
   local name=$1; shift
@@ -50,8 +66,9 @@ one() {  # name script flags...
     return 0
   fi
   local resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-  echo "python $* --benchmark toy --out $out ${resume[*]}" >&2
-  python "$@" --benchmark toy --no-progress --out "$out" "${resume[@]}" > "runs/toy/$name.log" 2>&1
+  local bench=(--benchmark toy); [[ " $* " == *" --benchmark "* ]] && bench=()   # a protocol run names its own
+  echo "python $* ${bench[*]} --out $out ${resume[*]}" >&2
+  python "$@" "${bench[@]}" --no-progress --out "$out" "${resume[@]}" > "runs/toy/$name.log" 2>&1
 }
 export -f one
 mkdir -p runs/toy
@@ -60,5 +77,8 @@ if [ "$JOBS" -gt 1 ]; then
 else
   for r in "${RUNS[@]}"; do one $r; done
 fi
-python tools/report.py runs/toy/*/ --out figures/toy
+TOY=$(ls -d runs/toy/*/ | grep -v -e '/cil-' -e '/xtail-')             # the toy benchmark (MTIL's protocol)
+python tools/report.py $TOY --out figures/toy
+python tools/report.py --benchmark toy-cil runs/toy/cil-*/ --out figures/toy-cil
+python tools/report.py --benchmark toy-xtail runs/toy/xtail-*/ --out figures/toy-xtail
 python tools/report.py runs/toy/finetune-I/ runs/toy/igsp-I/ --out figures/toy/readme   # README's picture
