@@ -28,8 +28,13 @@ FAST_TOY_PRETRAIN = {"steps": 60, "batch_size": 128, "lr": 2e-3, "warmup": 10, "
 
 
 @pytest.fixture(scope="session")
-def cache_env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip-cache")
+def cache_env(tmp_path_factory, worker_id):
+    """The session's toy CLIP cache. Under pytest-xdist the workers share one folder (this
+    session's, beside their own temporary folders), so the fast pretraining runs once: the other
+    workers wait on its lock and then read it."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base if worker_id == "master" else base.parent) / "clip-cache"
+    d.mkdir(exist_ok=True)
     os.environ["CLCLIP_CACHE"] = str(d)
     return d
 
@@ -41,7 +46,7 @@ def toy_weights(cache_env, tmp_path_factory) -> Path:
 
     import common
     common.load_clip(common.TOY_MODEL, "toy", "cpu", toy_pretrain=FAST_TOY_PRETRAIN, progress_bar=False)
-    (cached,) = cache_env.glob("toy-clip-*.pt")   # the plain open_clip state dict of the pretraining
+    cached = common.toy_cache_path(0, FAST_TOY_PRETRAIN)   # the plain open_clip state dict of the pretraining
     path = tmp_path_factory.mktemp("toyw") / "toy_fast.pt"
     shutil.copy(cached, path)
     return path

@@ -83,14 +83,16 @@ def test_zero_shot_mode(tmp_path, toy_weights):
 
 def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path, toy_weights):
     common_args = ["--benchmark", "toy", "--pretrained", str(toy_weights), "--iterations", "8",
-                   "--max-tasks", "2", "--no-progress"]
+                   "--max-tasks", "2", "--align-n", "0", "--no-progress"]   # alignment's resume: each method's CLI test
     a = run(*common_args, "--out", tmp_path / "a")
     assert a.returncode == 0, a.stderr
     out = tmp_path / "b"
     p = subprocess.Popen([sys.executable, "finetune.py", *common_args, "--out", str(out)], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+    # task 1 finished: its checkpoint and its summary (two atomic writes, one after the other)
+    while not ((out / "checkpoint.pt").exists() and (out / "summary.json").exists()) \
+            and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     time.sleep(0.2)                      # now inside task 2
     p.send_signal(signal.SIGKILL)

@@ -214,7 +214,9 @@ def test_sigkill_mid_protocol_then_resume_equals_uninterrupted(tmp_path, toy_wei
     p = subprocess.Popen([sys.executable, "finetune.py", *flags, "--out", str(out)], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+    # task 1 finished: its checkpoint and its summary (two atomic writes, one after the other)
+    while not ((out / "checkpoint.pt").exists() and (out / "summary.json").exists()) \
+            and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     time.sleep(0.2)                      # now inside step 2
     p.send_signal(signal.SIGKILL)

@@ -54,12 +54,15 @@ def test_toy_cil(method, tmp_path, toy_weights):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_toy_xtail(method, tmp_path, toy_weights):
-    # one domain is enough for the union head; the selectors (igsp, moe-adapters) get two to choose between
-    tasks = 2 if method in ("igsp", "moe-adapters") else 1
+    # one domain is enough for the union head; the selectors (igsp, moe-adapters) choose between its
+    # router and the untouched CLIP for the five domains not learned
+    tasks = 1
     s, cfg = run(method, tmp_path / "o", "--benchmark", "toy-xtail", "--pretrained", str(toy_weights), tasks=tasks)
     assert s["method"] == NAME.get(method, method) and s["datasets"] == data.TOY_ORDERS["I"] and len(s["acc_matrix"]) == tasks
     assert all(0 <= v <= 100 for row in s["acc_matrix"] for v in row) and s["transfer"] is not None
     assert cfg["args"]["few_shot"] == 16
+    if method in ("igsp", "moe-adapters"):                           # the selector: its router or CLIP
+        assert 0 <= s["selector_acc_seen"][0] <= 100 and 0 <= s["selector_fallback_unseen"][0] <= 100
 
 
 @pytest.fixture(scope="module")
