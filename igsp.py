@@ -50,7 +50,9 @@ Markers in the code:
         pass, transformed once and kept) with another draw (the code's pass depends on its torch
         RNG state).
   # CHOICE:         every source is silent: the toy defaults (measured, see notes/igsp.md);
-        choose_map counted per task.
+        choose_map counted per task; on CIL, iGSP keeps its MTIL module (a router per step and
+        the selector), while `--variant moe-adapters` takes MoE-Adapters' cil/ module there
+        (`--routers shared`: one router, two experts, nothing frozen, no selector; PROTOCOL_DEFAULTS).
   # RECONSTRUCTED:  iGSP's own, in no source (the list above), and its details: Omega_orth
         averaged over blocks; fresh AdamW moments in Phase 2; gate noise stays on in Phase 2;
         reported trainable = the larger phase + the task's selector autoencoder.

@@ -66,42 +66,26 @@ def test_toy_xtail(method, tmp_path, toy_weights):
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
+def real_root(tmp_path_factory):
+    """Fake CIFAR-100, TinyImageNet and the 10 X-TAIL domains (MTIL's builders), with ImageNet for GNSP."""
+    root = tmp_path_factory.mktemp("real")
     write_fake_cifar100(root)
+    write_fake_tinyimagenet(root)
+    fake_mtil.write_fake_mtil(root, data.XTAIL_DOMAINS)
     write_fake_imagenet(root, per_class=12)                          # GNSP's reference pairs
     return root
 
 
+# CIFAR-100 in 20 steps of 5; TinyImageNet: 100 base classes, then 5 steps of 20 (6 tasks in all)
+@pytest.mark.parametrize("benchmark, steps, n_tasks", [("cil-cifar100", 20, 20), ("cil-tinyimagenet", 5, 6)])
 @pytest.mark.parametrize("method", METHODS)
-def test_fake_cifar100(method, cifar_root, tmp_path, toy_weights):
+def test_fake_cil(method, benchmark, steps, n_tasks, real_root, tmp_path, toy_weights):
     with skip_md5_checks():
-        s, cfg = run(method, tmp_path / "o", "--benchmark", "cil-cifar100", "--steps", "20", "--data-root",
-                     str(cifar_root), "--model", "toy-tiny", "--pretrained", str(toy_weights), "--batch-size", "4",
-                     "--workers", "0")
-    check_cil(s, method, 20)
-    assert len(s["datasets"]) == 20 and cfg["per_task"][0]["batch_size"] == 4
-
-
-@pytest.fixture(scope="module")
-def real_root(tmp_path_factory):
-    """Fake TinyImageNet and the 10 X-TAIL domains (MTIL's builders), with ImageNet for GNSP."""
-    root = tmp_path_factory.mktemp("real")
-    write_fake_tinyimagenet(root)
-    fake_mtil.write_fake_mtil(root, data.XTAIL_DOMAINS)
-    write_fake_imagenet(root, per_class=12)
-    return root
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_fake_tinyimagenet(method, real_root, tmp_path, toy_weights):
-    """100 base classes, then 5 steps of 20: the base step and one increment, over 120 classes."""
-    with skip_md5_checks():
-        s, cfg = run(method, tmp_path / "o", "--benchmark", "cil-tinyimagenet", "--steps", "5", "--data-root",
+        s, cfg = run(method, tmp_path / "o", "--benchmark", benchmark, "--steps", str(steps), "--data-root",
                      str(real_root), "--model", "toy-tiny", "--pretrained", str(toy_weights), "--batch-size", "4",
                      "--workers", "0")
-    check_cil(s, method, 5)
-    assert len(s["datasets"]) == 6 and cfg["per_task"][0]["batch_size"] == 4
+    check_cil(s, method, steps)
+    assert len(s["datasets"]) == n_tasks and cfg["per_task"][0]["batch_size"] == 4
 
 
 @pytest.mark.skipif(not fake_mtil.HAS_SCIPY, reason="the fake Flowers and StanfordCars need scipy (.mat files)")
