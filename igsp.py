@@ -665,16 +665,17 @@ def begin_task(moes: dict[str, MoEMLP], t: int, args) -> None:
     """igsp (abstract: "candidate experts via basis pre-expansion"; RECONSTRUCTED: M zero-output
     candidates after the frozen H); moe-adapters: the fixed pool (created at task 1), frozen
     experts stay frozen. Both: a new router; `--routers shared`: the one router, trained again."""
+    r = router_of(t, args)
     for m in moes.values():
         if args.variant == "igsp":
             add_experts(m, args.candidates, args)                   # C_t after H = experts[:n_hist]
         elif not m.experts:
             add_experts(m, args.experts, args)
-        if len(m.W_g) <= router_of(t, args):
+        if len(m.W_g) <= r:
             m.add_router(len(m.experts))                            # W_g^t, W_noise^t: zeros (d, n)
-        m.W_g[router_of(t, args)].requires_grad_(True)
-        m.W_noise[router_of(t, args)].requires_grad_(True)
-        m.route = router_of(t, args)
+        m.W_g[r].requires_grad_(True)
+        m.W_noise[r].requires_grad_(True)
+        m.route = r
 
 
 def _loss(model, task, images, labels, args, device, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -762,9 +763,10 @@ def after_task(model: common.ClipView, method: dict, task, t: int, args, device)
     parameter counts (the reported trainable count includes the selector's new autoencoder)."""
     t_start = time.time()
     moes, selector, report = method["moes"], method["selector"], method["report"]
+    r = router_of(t, args)
     for name, m in moes.items():
-        m.W_g[router_of(t, args)].requires_grad_(False)
-        m.W_noise[router_of(t, args)].requires_grad_(False)
+        m.W_g[r].requires_grad_(False)
+        m.W_noise[r].requires_grad_(False)
         if args.variant == "igsp":
             m.experts.requires_grad_(False)
             m.n_hist = len(m.experts)
