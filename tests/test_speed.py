@@ -431,6 +431,30 @@ def test_bench_runs_on_the_cpu_and_prints_its_table(tmp_path, capsys):
     assert out.is_file() and len(__import__("json").loads(out.read_text())["rows"]) == len(bench.SCRIPTS)
 
 
+def test_bench_records_a_failing_script_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A script that raises gets an error row; every other (script, precision) is still measured, the
+    JSON on disk holds every row, and the loop runs precision by precision."""
+    import bench
+    calls = []
+
+    def fake(key, amp, a, device):
+        calls.append((amp, key))
+        if key == "gnsp" and amp == "tf32":
+            raise RuntimeError("planted")
+        return {"script": key, "precision": amp, "steps_per_s": 1.0, "peak_gb": None, "task_start_end_s": 0.0,
+                "after_task_s": 0.0, "eval_images_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "bench_script", fake)
+    out = tmp_path / "b.json"
+    res = bench.main(["--device", "cpu", "--tiny", "--quick", "--precisions", "off,tf32", "--scripts",
+                      "finetune,gnsp,keeplora", "--loader-images", "0", "--json", str(out)])
+    assert calls == [(p, k) for p in ("off", "tf32") for k in ("finetune", "gnsp", "keeplora")]
+    errors = [r for r in res["rows"] if "error" in r]
+    assert [(r["script"], r["precision"]) for r in errors] == [("gnsp", "tf32")] and "planted" in errors[0]["error"]
+    assert len(__import__("json").loads(out.read_text())["rows"]) == 6 and "loader" not in res
+    assert "error: RuntimeError: planted" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_cpu_speed_runs(capsys):
     import cpu_speed

@@ -26,7 +26,9 @@ only), the script's own hooks run on two synthetic tasks, as main runs them:
 
 and once: the training loader's images per second (common.forever(common.make_loader(...)),
 ZSCL's train transform, --workers) on a fake JPEG tree of --loader-images photos-sized JPEGs.
-Prints one Markdown table and writes everything as JSON (--json, default runs/bench-<device>.json).
+Prints one Markdown table and writes everything as JSON (--json, default runs/bench-<device>.json),
+rewritten after every row. A script that fails gets an error row, the others go on, and the exit
+code is then 1.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import math
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +210,8 @@ def bench_loader(a, device: torch.device, size: int) -> dict:
 
 def table(res: dict) -> str:
     head = ["script", "precision", "steps/s", "peak GB", "task start/end s", "after-task s", "eval img/s"]
-    rows = [[r["script"], r["precision"], f"{r['steps_per_s']:.2f}",
+    rows = [[r["script"], r["precision"], "error: " + r["error"][:60], "", "", "", ""] if "error" in r else
+            [r["script"], r["precision"], f"{r['steps_per_s']:.2f}",
              "-" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}", f"{r['task_start_end_s']:.2f}",
              f"{r['after_task_s']:.2f}", f"{r['eval_images_per_s']:.0f}"] for r in res["rows"]]
     w = [max(len(x) for x in col) for col in zip(head, *rows)]
@@ -236,7 +240,7 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--eval-images", type=int, default=1024)
-    p.add_argument("--loader-images", type=int, default=512)
+    p.add_argument("--loader-images", type=int, default=512, help="0: no loader measurement")
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--jpeg-size", default="500x375")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: common.default_workers())")
@@ -248,26 +252,36 @@ def main(argv=None) -> dict:
     if a.quick:
         a.batch_size, a.eval_batch_size, a.warmup, a.steps = 8, 16, 1, 2
         a.classes, a.train_images, a.eval_images = 5, 16, 16
-        a.loader_images, a.loader_batches, a.jpeg_size = 16, 2, "96x64"
+        a.loader_images, a.loader_batches, a.jpeg_size = min(a.loader_images, 16), 2, "96x64"
     precisions = (a.precisions or ("off,tf32,fp16,bf16" if device.type == "cuda" else "off")).split(",")
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "model": a.model, "weights": "random", "batch_size": a.batch_size, "warmup": a.warmup, "steps": a.steps,
            "classes": a.classes, "train_images": a.train_images, "eval_images_per_task": a.eval_images,
            "versions": common.versions(), "rows": []}
-    for key in a.scripts.split(","):
-        for amp in precisions:
-            row = bench_script(key, amp, a, device)
-            res["rows"].append(row)
-            print(f"{key} {amp}: {row['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True)
-    size = {"toy-tiny": 32}.get(a.model, 224)
-    res["loader"] = bench_loader(a, device, size)
-    print(table(res))
     out = Path(a.json or ROOT / "runs" / f"bench-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    # Precision outside, script inside: a run cut short still has every script at the first precision.
+    # Each row is written as soon as it is measured; a script that fails is recorded and the rest go on.
+    for amp in precisions:
+        for key in a.scripts.split(","):
+            try:
+                row = bench_script(key, amp, a, device)
+                print(f"{key} {amp}: {row['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 -- a benchmark reports a failing script and goes on
+                traceback.print_exc()
+                row = {"script": key, "precision": amp, "error": f"{type(e).__name__}: {e}"}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            res["rows"].append(row)
+            common.atomic_write_text(out, json.dumps(res, indent=2))
+    size = {"toy-tiny": 32}.get(a.model, 224)
+    if a.loader_images > 0:
+        res["loader"] = bench_loader(a, device, size)
+    print(table(res))
+    common.atomic_write_text(out, json.dumps(res, indent=2))
     print(f"written: {out}")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()["rows"]) else 0)
