@@ -284,7 +284,9 @@ class MoEMLP(nn.Module):
             sigma = F.softplus(x0 @ W_noise.to(x0.dtype)) + 1e-2    # (N, n)
             logits = h + torch.randn_like(h) * sigma
         top, idx = logits.topk(min(self.k, h.shape[1]), dim=-1)     # (N, k)
-        g = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))  # softmax over the top-k only
+        # softmax over the top-k only; float32 gates whatever the autocast dtype of the logits (CUDA
+        # autocast runs softmax in float32, and scatter needs one dtype: fp16 / bf16 eval failed there)
+        g = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter(-1, idx, top.float().softmax(-1))
         return g, p
 
     def forward(self, x):                                           # x: (N, L, d), after the attention residual

@@ -73,6 +73,34 @@ def test_gating_topk_support_and_softmax_over_selected(N, n, k, seed, training):
         assert torch.allclose(g.gather(-1, idx), top.softmax(-1))         # softmax over the selected logits
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gates_are_float32_whatever_the_logits_dtype(dtype, training):
+    """Under CUDA autocast the router logits are fp16 / bf16 and softmax runs in float32: the gates come
+    out float32 either way (scatter needs one dtype; fp16 / bf16 evaluation failed on a GPU without this),
+    k per sample, summing to 1."""
+    args = _args("--top-k", "2")
+    m = _moe(6, 0, 4, args, 3)
+    torch.nn.init.normal_(m.W_g[0])
+    torch.nn.init.normal_(m.W_noise[0])
+    m.train(training)
+    g, p = m.gate(torch.randn(5, 6).to(dtype))
+    assert g.dtype == p.dtype == torch.float32
+    assert ((g > 0).sum(-1) == 2).all() and torch.allclose(g.sum(-1), torch.ones(5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast there runs softmax in float32)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_moe_block_runs_under_cuda_autocast(dtype):
+    args = _args("--top-k", "2")
+    m = _moe(6, 0, 4, args, 3).cuda().eval()
+    torch.nn.init.normal_(m.W_g[0])
+    x = torch.randn(5, 7, 6, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+
+
 # ---- zero-output experts leave CLIP unchanged ----
 
 @pytest.mark.parametrize("variant", ["igsp", "moe-adapters"])
