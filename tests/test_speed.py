@@ -431,6 +431,23 @@ def test_bench_runs_on_the_cpu_and_prints_its_table(tmp_path, capsys):
     assert out.is_file() and len(__import__("json").loads(out.read_text())["rows"]) == len(bench.SCRIPTS)
 
 
+def test_bench_step_clock_times_a_loop_that_breaks_early():
+    """iGSP's training loop breaks when every candidate is pruned: the clock still closes, counting
+    the steps handed out after the warm-up."""
+    import bench
+    clock = bench.StepClock(CPU, warmup=2)
+    for i in clock(range(10)):
+        if i == 6:
+            break
+    n, dt = clock.timed
+    assert n == 5 and dt >= 0                       # steps 2..6 timed
+    full = bench.StepClock(CPU, warmup=2)
+    assert list(full(range(10))) == list(range(10)) and full.timed[0] == 8
+    short = bench.StepClock(CPU, warmup=5)
+    list(short(range(3)))
+    assert short.timed == (0, 0.0)                  # ended inside the warm-up: nothing timed
+
+
 def test_bench_records_a_failing_script_and_goes_on(tmp_path, monkeypatch, capsys):
     """A script that raises gets an error row; every other (script, precision) is still measured, the
     JSON on disk holds every row, and the loop runs precision by precision."""

@@ -97,14 +97,16 @@ class StepClock:
         self.steps = 0
 
     def __call__(self, it, enabled=False, **kw):
-        for i, step in enumerate(it):
-            if i == self.warmup:
-                sync(self.device)
-                self.t0 = time.perf_counter()
-            yield step
-            self.steps = i + 1
-        sync(self.device)
-        self.t1 = time.perf_counter()
+        try:
+            for i, step in enumerate(it):
+                if i == self.warmup:
+                    sync(self.device)
+                    self.t0 = time.perf_counter()
+                self.steps = i + 1                  # counted when handed out: a loop may break after it
+                yield step
+        finally:                                    # also when the loop breaks early (iGSP, every candidate pruned)
+            sync(self.device)
+            self.t1 = time.perf_counter()
 
     @property
     def timed(self) -> tuple[int, float]:
