@@ -286,7 +286,7 @@ class MoEMLP(nn.Module):
         top, idx = logits.topk(min(self.k, h.shape[1]), dim=-1)     # (N, k)
         # softmax over the top-k only; float32 gates whatever the autocast dtype of the logits (CUDA
         # autocast runs softmax in float32, and scatter needs one dtype: fp16 / bf16 eval failed there)
-        g = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter(-1, idx, top.float().softmax(-1))
+        g = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, idx, top.float().softmax(-1))  # (N, n)
         return g, p
 
     def forward(self, x):                                           # x: (N, L, d), after the attention residual

@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import common
 import data
 import igsp
+from test_igsp import variant_flags          # --variant, and --experts for moe-adapters only
 
 CPU = torch.device("cpu")
 
@@ -30,11 +31,6 @@ CPU = torch.device("cpu")
 def _args(*extra):
     return igsp.parse_args(["--benchmark", "toy", "--no-progress", "--iterations", "6", "--batch-size", "4",
                             "--selector-samples", "16", "--selector-steps", "3", *extra])
-
-
-def variant_flags(variant, experts):
-    """--variant, and the fixed pool's size for moe-adapters (igsp grows its own: --experts is refused)."""
-    return ["--variant", variant] + (["--experts", str(experts)] if variant == "moe-adapters" else [])
 
 
 def _task(name, seed, n=16, C=3):
